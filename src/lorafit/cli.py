@@ -1,0 +1,98 @@
+"""Command line: arguments, logging on rank 0, the run folder, and the boundary where a UserError becomes exit code 2.
+
+A user's mistake prints one line `lorafit: error: ...` on stderr and exits 2, and a run folder this invocation
+created is removed again, so nothing half-written is left. Any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from lorafit.errors import EXIT_USER_ERROR, UserError
+
+log = logging.getLogger("lorafit")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="quickstart",
+                   help="recipe name in recipes/ (e.g. llama2_guanaco), a .py recipe file, or a saved recipe.yaml "
+                        "(default: quickstart)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one recipe field, e.g. --set lora.r=16 (repeatable)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved recipe and the layout that would be used, then exit (loads no model)")
+    p.add_argument("--list-recipes", action="store_true", help="list the recipes in recipes/ and exit")
+    return p
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def setup_logging() -> None:
+    """Rank 0 logs at INFO; other ranks only warn, so a multi-GPU console reads like a single-GPU one."""
+    main = is_main_process()
+    logging.basicConfig(format="%(asctime)s lorafit: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if main else logging.WARNING, stream=sys.stdout)
+    log.setLevel(logging.INFO if main else logging.WARNING)
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_warning() if main else transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    # Known-harmless library warnings that would otherwise bury the progress bar on every run.
+    for pattern in (".*kernels-community.*", ".*torch.utils.checkpoint.*use_reentrant.*", ".*gguf.*",
+                    ".*MatMul8bitLt.*", ".*Merge of the lora.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+class RunDir:
+    """The run folder; removed again if this process created it and the run ends in a user error."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.created = False
+
+    def create(self) -> Path:
+        if is_main_process() and not self.path.exists():
+            self.path.mkdir(parents=True)
+            self.created = True
+        return self.path
+
+    def discard_if_created(self) -> None:
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def main(run: Callable[[argparse.Namespace, RunDir | None], int], argv: list[str] | None = None,
+         description: str = "") -> int:
+    """Parse, set up logging, call `run(args, holder)`; turn a UserError into one line and exit code 2."""
+    args = parser(description).parse_args(argv)
+    setup_logging()
+    holder: list[RunDir] = []
+    try:
+        if args.list_recipes:
+            from lorafit.recipe import available_recipes
+
+            print("\n".join(available_recipes()))
+            return 0
+        return run(args, holder)
+    except UserError as e:
+        for rd in holder:
+            rd.discard_if_created()
+        if is_main_process() or os.environ.get("LORAFIT_ALL_RANKS_ERRORS"):
+            print(f"lorafit: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("lorafit: interrupted", file=sys.stderr)
+        return 130

