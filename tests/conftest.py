@@ -17,8 +17,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LORAFIT_SHARED", REPO.parent / "shared"))
-GUANACO = SHARED / "data" / "guanaco-llama2-1k"
-LLAMA2_TOKENIZER = SHARED / "tokenizers" / "llama-2"
+# On the GPU box, .gpu/env.sh points these at the bundled copies.
+GUANACO = Path(os.environ.get("GUANACO_1K", SHARED / "data" / "guanaco-llama2-1k"))
+LLAMA2_TOKENIZER = Path(os.environ.get("LLAMA2_TOKENIZER", SHARED / "tokenizers" / "llama-2"))
 
 # Our own fixture rows in guanaco's pre-rendered Llama-2 format (written for these tests, not copied from anywhere).
 FIXTURE_ROWS = [

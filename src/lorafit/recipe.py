@@ -155,6 +155,8 @@ class TrainingConfig:
     seed: int = f(42, "Seed of initialisation, dropout and data order.")
     eval_steps: int | None = f(None, "Evaluate every N steps (needs data.eval_fraction > 0; unset: only at the end).")
     dataloader_num_workers: int = f(0, "Worker processes feeding batches.")
+    liger_kernels: bool = f(False, "Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, linear+cross-entropy); GPU.")
+    torch_compile: bool = f(False, "torch.compile the model's forward (GPU; pays off on long runs).")
 
     def __post_init__(self):
         _check(self.epochs > 0, "training.epochs", self.epochs, "must be positive")
@@ -182,6 +184,27 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    on_start: bool = f(True, "Also evaluate before the first step (needs data.eval_fraction > 0): the base model's "
+                       "eval loss and sample answers are the baseline.")
+    prompts: list[str] = f([], "Prompts answered greedily at each evaluation and logged as TensorBoard text; empty = "
+                           "the first `samples` held-out prompts.")
+    samples: int = f(3, "How many held-out prompts to answer when `prompts` is empty (0: no samples).")
+    max_new_tokens: int = f(128, "Longest sample answer, in tokens.")
+    skill_check: bool = f(True, "For synthetic:<task> data: exact-match accuracy on held-out prompts before and "
+                          "after training (eval/skill_exact_match, summary skill_before/skill_after).")
+    skill_prompts: int = f(50, "Held-out prompts scored by the skill check.")
+    skill_max_new_tokens: int = f(16, "Longest skill-check answer, in tokens (a longer one is wrong anyway).")
+    batch_size: int = f(16, "Prompts generated together (greedy, left-padded).")
+
+    def __post_init__(self):
+        _check(self.samples >= 0, "eval.samples", self.samples, "must be >= 0")
+        for key in ("max_new_tokens", "skill_prompts", "skill_max_new_tokens", "batch_size"):
+            _check(getattr(self, key) > 0, f"eval.{key}", getattr(self, key), "must be positive")
+        _check(all(p.strip() for p in self.prompts), "eval.prompts", self.prompts, "must not hold empty prompts")
+
+
+@dataclass
 class OutputConfig:
     dir: str = f("runs/run", "Run folder: adapter, tokenizer, recipe.yaml, summary.json, tb/.")
 
@@ -197,6 +220,7 @@ class Recipe:
     training: TrainingConfig = f(TrainingConfig, "Optimization.")
     logging: LoggingConfig = f(LoggingConfig, "Console and TensorBoard.")
     output: OutputConfig = f(OutputConfig, "Where the run is written.")
+    eval: EvalConfig = f(EvalConfig, "Evaluation: sample answers and the skill check.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

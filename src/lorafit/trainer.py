@@ -53,10 +53,14 @@ def build_args(cfg: Recipe, layout: Layout, run_dir: str, has_eval: bool) -> SFT
         disable_tqdm=not cfg.logging.progress_bar,
         save_strategy="no",
         eval_strategy=eval_strategy,
+        eval_on_start=has_eval and cfg.eval.on_start,  # the base model's eval loss: the baseline
         eval_steps=t.eval_steps if eval_strategy == "steps" else None,
         dataloader_num_workers=t.dataloader_num_workers,
+        use_liger_kernel=t.liger_kernels and on_gpu,
+        torch_compile=t.torch_compile and on_gpu,
         max_length=cfg.data.max_length,
         packing=cfg.data.packing,
+        packing_strategy="bfd",  # best-fit packing with position ids per row: no attention across row boundaries
         completion_only_loss=cfg.data.completion_only,
         dataset_num_proc=None,
     )
@@ -77,13 +81,16 @@ class CountingCollator:
 class LorafitTrainer(SFTTrainer):
     """SFTTrainer that counts real tokens and reports tokens/s at each log."""
 
-    def __init__(self, *a, **kw):
+    def __init__(self, *a, flops_per_token: float = 0.0, peak_flops: float = 0.0, **kw):
         super().__init__(*a, **kw)
         self.data_collator = CountingCollator(self.data_collator)
         self.real_tokens_local = 0
-        self._last_log = (time.perf_counter(), 0)
+        self._last_log = None  # (time, tokens, step) at the previous training log; the clock starts at step 1
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
 
     def training_step(self, model, inputs, *a, **kw):
+        if self._last_log is None:
+            self._last_log = (time.perf_counter(), 0, self.state.global_step)
         self.real_tokens_local += int(inputs.pop(REAL_TOKENS_KEY, 0))
         return super().training_step(model, inputs, *a, **kw)
 
@@ -99,19 +106,53 @@ class LorafitTrainer(SFTTrainer):
         return int(self.accelerator.reduce(t, reduction="sum").item())  # host-device sync
 
     def log(self, logs, start_time=None):
-        if "loss" in logs:  # a training log (not eval): add real tokens/s since the previous one
+        if "loss" in logs and self._last_log is not None:  # a training log: real tokens/s since the previous one
             now = time.perf_counter()
             total = self.real_tokens_total()
-            t0, n0 = self._last_log
-            if now > t0:
-                logs["tokens_per_second"] = round((total - n0) / (now - t0), 2)
+            t0, n0, s0 = self._last_log
+            steps = self.state.global_step - s0
+            if now > t0 and steps > 0:
+                rate = (total - n0) / (now - t0)
+                logs["tokens_per_second"] = round(rate, 2)
+                logs["step_time"] = round((now - t0) / steps, 4)
+                if self.flops_per_token and self.peak_flops:
+                    # per GPU: the rate is summed over ranks
+                    logs["mfu"] = round(rate * self.flops_per_token / (self.peak_flops * self.args.world_size), 4)
             logs["tokens_seen"] = total
-            self._last_log = (now, total)
+            self._last_log = (now, total, self.state.global_step)
         super().log(logs, start_time)
 
 
+# Measured dense bf16 matmul peaks (FLOP/s) of the GPUs we benchmark on: an 8192^3 product through PyTorch, ~790 TF
+# on H100 and H200 (see docs/benchmarks.md). LORAFIT_PEAK_TFLOPS overrides; unknown devices report no MFU.
+PEAK_FLOPS = {"H100": 790e12, "H200": 790e12}
+
+
+def peak_flops() -> float:
+    import os
+
+    import torch
+
+    if os.environ.get("LORAFIT_PEAK_TFLOPS"):
+        return float(os.environ["LORAFIT_PEAK_TFLOPS"]) * 1e12
+    if not torch.cuda.is_available():
+        return 0.0
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+
+
+def flops_per_token(total_params: int, recompute: bool) -> float:
+    """FLOPs per trained token, the basis of the MFU we log: 2P forward + 2P backward to the inputs (the frozen base
+    needs no weight gradients; LoRA's are negligible) + 2P more when checkpointing recomputes the forward.
+    Attention's sequence-length term is left out, which understates MFU slightly at 1024 tokens."""
+    return (6.0 if recompute else 4.0) * total_params
+
+
 def build_trainer(cfg: Recipe, args: SFTConfig, model, tokenizer, prepared, callbacks) -> LorafitTrainer:
+    total = model.get_nb_trainable_parameters()[1]
     return LorafitTrainer(
+        flops_per_token=flops_per_token(total, cfg.training.gradient_checkpointing),
+        peak_flops=peak_flops(),
         model=model,
         args=args,
         train_dataset=prepared.train,
@@ -133,8 +174,12 @@ def write_summary(run_dir: Path, cfg: Recipe, layout: Layout, trainer: LorafitTr
         "epochs": round(trainer.state.epoch or 0.0, 4),
         "final_loss": losses[-1] if losses else None,
         "first_loss": losses[0] if losses else None,
+        "first_losses": losses[:10],
         "tokens_seen": tokens,
         "tokens_per_second": round(tokens / wall, 2) if wall > 0 else None,
+        # what one optimizer step sees, all ranks together (with packing a "row" is a packed sequence)
+        "tokens_per_step": round(tokens / max(trainer.state.global_step, 1), 1),
+        "rows_per_step": layout.effective_batch,
         "wall_time_s": round(wall, 2),
         "layout": layout.kind,
         "world_size": layout.world_size,
@@ -142,6 +187,16 @@ def write_summary(run_dir: Path, cfg: Recipe, layout: Layout, trainer: LorafitTr
         "trainable_parameters": trainable,
         "data": {k: v for k, v in vars(prepared.stats).items() if k != "skipped_examples"},
     }
+    import torch
+
+    if torch.cuda.is_available():
+        summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)  # this rank's
+    steady = [h for h in hist if "tokens_per_second" in h][2:]  # the first logs include warm-up and compilation
+    if steady:
+        summary["steady_tokens_per_second"] = sorted(h["tokens_per_second"] for h in steady)[len(steady) // 2]
+        summary["steady_step_time_s"] = sorted(h["step_time"] for h in steady)[len(steady) // 2]
+        if all("mfu" in h for h in steady):
+            summary["steady_mfu"] = sorted(h["mfu"] for h in steady)[len(steady) // 2]
     if evals:
         summary["eval_loss_final"] = evals[-1]
         summary["eval_loss_best"] = min(evals)

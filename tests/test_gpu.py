@@ -1,0 +1,36 @@
+"""GPU tier (marker `gpu`, run on the device box only): the real CLI on CUDA with bf16 compute and the paged optimizer."""
+
+import pytest
+from conftest import read_scalars, read_summary, run_cli, tiny_overrides
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("recipe", ["llama2_guanaco", "llama2_guanaco_fast"])
+def test_cli_trains_on_gpu_bf16_paged(tmp_path, tiny_llama_dir, guanaco_dir, recipe):
+    out = tmp_path / "run"
+    sets = tiny_overrides(tiny_llama_dir, guanaco_dir, out, steps=4)
+    # back to the recipe's own GPU settings: bf16 compute, paged AdamW 32-bit
+    sets += ["--set", "quantization.compute_dtype=bfloat16", "--set", "training.optimizer=paged_adamw_32bit"]
+    r = run_cli(["--recipe", recipe, *sets])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = read_summary(out)
+    assert s["steps"] == 4 and s["layout"] == "single"
+    assert s["peak_gpu_memory_gib"] > 0
+    assert "train/mfu" in read_scalars(out / "tb")  # H100/H200 have a known peak; MFU is logged every step
+
+
+def test_layout_places_4bit_model_on_local_gpu(tiny_llama_dir):
+    import bitsandbytes as bnb
+
+    from lorafit import layout, model, recipe
+
+    cfg = recipe.load_recipe("llama2_guanaco", [f"model.name={tiny_llama_dir}", "lora.r=8"])
+    lay = layout.decide(cfg)
+    assert lay.device_map == {"": 0}
+    tok = model.load_tokenizer(cfg, str(tiny_llama_dir))
+    net = model.load_model(cfg, lay, str(tiny_llama_dir), tok)
+    linears = [m for m in net.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linears and all(m.weight.device.type == "cuda" for m in linears)
+    assert all(m.weight.quant_state.dtype == torch.bfloat16 for m in linears)
