@@ -226,6 +226,8 @@ def parse_llama2(text: str, completion_only: bool) -> Conversation:
 
 
 def _text(value: Any, column: str) -> str:
+    if value is None:  # a jsonl row without the key, or a null cell in parquet/arrow
+        raise RowError(f"has no value in column '{column}'")
     if not isinstance(value, str):
         raise RowError(f"column '{column}' is {type(value).__name__}, not text")
     return value
@@ -357,7 +359,9 @@ class Llama2Renderer:
                 mask += [0] * len(self.bos) + [1] * (len(a) + 1)
                 continue
             prompt = self.prompt_text(user, conv.system, k == 0)
-            p, a = _split(self.tok, prompt, f"{prompt} {answer.strip()}")
+            answer = answer.strip()
+            # An empty answer renders as the prompt alone: `prompt + " "` would add a lone space token as "answer".
+            p, a = _split(self.tok, prompt, f"{prompt} {answer}") if answer else (_ids(self.tok, prompt), [])
             ids += self.bos + p + a + [self.eos]
             # A turn with an empty answer (guanaco-llama2-1k row 899 has one) stays as context but carries no loss:
             # training its lone EOS would teach the model to answer some prompts with nothing.
@@ -391,18 +395,25 @@ class TemplateRenderer:
     def encode(self, conv: Conversation) -> Encoded:
         ids: list[int] = []
         mask: list[int] = []
+        rendered: list[int] = []  # the template's own tokens so far (`ids` may also hold EOS ids added below)
         for k, (user, _answer) in enumerate(conv.turns):
             prefix = self._messages(conv, k) + [{"role": "user", "content": user}]
             prompt = self._apply(prefix, gen=True)
             full = self._apply(self._messages(conv, k + 1), gen=False)
-            if prompt[: len(ids)] != ids or full[: len(prompt)] != prompt:
+            if prompt[: len(rendered)] != rendered or full[: len(prompt)] != prompt:
                 raise RowError("the chat template renders earlier turns differently once later turns are added, "
                                "so the answer boundary is ambiguous; use data.chat_template=llama2")
-            answer = full[len(prompt):]
-            if self.eos is not None and self.eos not in answer:
+            answer, tail = full[len(prompt):], []
+            if self.eos is not None and self.eos in answer:
+                # Loss ends at the answer's EOS: what the template adds after it (ChatML's newline) is turn
+                # separator, context for the next turn, and never generated (generation stops at EOS).
+                cut = len(answer) - answer[::-1].index(self.eos)
+                answer, tail = answer[:cut], answer[cut:]
+            elif self.eos is not None:
                 answer = answer + [self.eos]  # the template ends turns without EOS: add it so the model learns to stop
-            mask += [0] * (len(prompt) - len(ids)) + [1] * len(answer)
-            ids = prompt + answer
+            ids += prompt[len(rendered):] + answer + tail
+            mask += [0] * (len(prompt) - len(rendered)) + [1] * len(answer) + [0] * len(tail)
+            rendered = full
         bos = self.tok.bos_token_id
         if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:  # template and tokenizer both add BOS
             ids, mask = ids[1:], mask[1:]
@@ -485,8 +496,11 @@ def prepare(cfg: DataConfig, tokenizer) -> Prepared:
 
     skipped: list[str] = []
     rows = read_source(cfg, skipped)
+    read_skipped = len(skipped)
     if cfg.max_rows:
         rows = Rows(rows.records[: cfg.max_rows], rows.origins[: cfg.max_rows], rows.description)
+    if not rows.records and skipped:
+        raise UserError(f"{rows.description}: every row was skipped as malformed, e.g. {skipped[0]}")
     if not rows.records:
         raise UserError(f"{rows.description} has no rows; point data.path at a non-empty dataset")
     columns = set().union(*(r.keys() for r in rows.records[:100]))
@@ -502,8 +516,9 @@ def prepare(cfg: DataConfig, tokenizer) -> Prepared:
             skipped.append(msg)
     if not convs:
         raise UserError(f"{rows.description}: every row was skipped as malformed, e.g. {skipped[0]}")
-    stats = DataStats(source=rows.description, format=fmt, rows=len(rows.records), skipped_rows=len(skipped),
-                      skipped_examples=skipped[:5])
+    # rows counts unparseable lines too, so that rows = train + eval + skipped (+ dropped as too long).
+    stats = DataStats(source=rows.description, format=fmt, rows=len(rows.records) + read_skipped,
+                      skipped_rows=len(skipped), skipped_examples=skipped[:5])
     for msg in skipped[:5]:
         log.warning("skipped: %s", msg)
 
@@ -527,7 +542,7 @@ def prepare(cfg: DataConfig, tokenizer) -> Prepared:
     stats.renderer = renderer.name
     try:
         train = _encode_all(train_convs, renderer, cfg, stats, True)
-        evald = _encode_all(eval_convs, renderer, cfg, DataStats(), False) if eval_convs else None
+        evald = _encode_all(eval_convs, renderer, cfg, stats, False) if eval_convs else None  # counts truncation
     except RowError as e:  # template-level problems are not tied to one row
         raise UserError(f"{rows.description}: {e}") from None
     stats.train_rows = len(train["input_ids"])
