@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
-import json
 import os
 import types
 import typing
@@ -293,10 +292,19 @@ def coerce(key: str, tp, value: Any) -> Any:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):
             text = value.strip()
-            value = json.loads(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
+            if text.startswith("["):  # JSON, or YAML's flow list `[q_proj, v_proj]` that shells leave unquoted
+                try:
+                    value = yaml.safe_load(text)
+                except yaml.YAMLError:
+                    raise bad from None
+            else:
+                value = [v.strip() for v in text.split(",") if v.strip()]
         if not isinstance(value, list | tuple):
             raise bad
-        return [coerce(key, item, v) for v in value]
+        try:
+            return [coerce(key, item, v) for v in value]
+        except UserError:
+            raise bad from None
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -334,9 +342,22 @@ def coerce(key: str, tp, value: Any) -> Any:
 
 def unknown_key(key: str) -> UserError:
     keys = list(all_keys())
-    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
-    leaf = key.rsplit(".", 1)[-1]
-    close += [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k not in close]
+    leaf = key.rsplit(".", 1)[-1].lower()
+
+    def leaf_of(k: str) -> str:
+        return k.rsplit(".", 1)[-1]
+
+    def initials(k: str) -> str:
+        return "".join(w[0] for w in leaf_of(k).split("_") if w)
+
+    # The same name in another section, an abbreviation (lr -> learning_rate), a part of the name (batch_size ->
+    # per_device_batch_size), then spelling neighbours; keys of the section the user named come first.
+    close = [k for k in keys if leaf_of(k) == leaf]
+    close += [k for k in keys if k not in close and len(leaf) >= 2
+              and (initials(k) == leaf or (len(leaf) >= 4 and leaf in leaf_of(k)))]
+    close += [k for k in difflib.get_close_matches(key, keys, n=3, cutoff=0.5) if k not in close]
+    section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    close.sort(key=lambda k: not (section and k.startswith(section)))
     hint = f"; did you mean {', '.join(repr(c) for c in close[:3])}?" if close else ""
     return UserError(f"unknown recipe key '{key}'{hint} (--print-config lists every key)")
 
