@@ -50,8 +50,10 @@ def setup_logging() -> None:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     # Known-harmless library warnings that would otherwise bury the progress bar on every run.
+    # `gradient_checkpointing` is the argument name transformers 5.17 (the GPU image) knows; newer ones call it
+    # deprecated on every run.
     for pattern in (".*kernels-community.*", ".*torch.utils.checkpoint.*use_reentrant.*", ".*gguf.*",
-                    ".*MatMul8bitLt.*", ".*Merge of the lora.*"):
+                    ".*MatMul8bitLt.*", ".*Merge of the lora.*", "`gradient_checkpointing` is deprecated"):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
