@@ -180,16 +180,16 @@ def load_model(cfg: Recipe, layout: Layout, source: str, tokenizer):
                         "folder with --set model.name=PATH") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    if cfg.quantization.load_in_4bit:
-        # Casts norms/head to float32 for stability and, with checkpointing, makes the embedding output require grad
-        # so checkpointed segments of a frozen base still propagate gradients to LoRA.
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=layout.gradient_checkpointing,
-            gradient_checkpointing_kwargs=layout.gradient_checkpointing_kwargs or None,
-        )
-    elif layout.gradient_checkpointing:
+    for prm in model.parameters():
+        prm.requires_grad_(False)  # the base is frozen; LoRA adds the only trainable weights
+    if cfg.quantization.load_in_4bit and cfg.quantization.compute_dtype == "float16":
+        # fp16's 5-bit exponent overflows in norms and logits: PEFT's k-bit preparation keeps them in float32.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # With bf16 compute we skip that float32 upcast on purpose: bf16 has float32's exponent range, and a float32
+    # embedding/norms/32k-vocab head cost throughput and memory (measured in docs/benchmarks.md).
+    if layout.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=layout.gradient_checkpointing_kwargs)
+        # checkpointed segments of a frozen base only propagate gradients to LoRA if their input requires grad
         model.enable_input_require_grads()
     lc = cfg.lora
     targets = lc.target_modules
@@ -197,6 +197,9 @@ def load_model(cfg: Recipe, layout: Layout, source: str, tokenizer):
         targets = "all-linear"
     peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias=lc.bias,
                           target_modules=targets, task_type="CAUSAL_LM")
+    from transformers import set_seed
+
+    set_seed(cfg.training.seed)  # LoRA's A matrices are drawn now, before HF Trainer seeds: same seed, same init
     try:
         model = get_peft_model(model, peft_cfg)
     except ValueError as e:
