@@ -30,6 +30,10 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved recipe and the layout that would be used, then exit (loads no model)")
     p.add_argument("--list-recipes", action="store_true", help="list the recipes in recipes/ and exit")
+    p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
+                   help="auto (default): continue from the newest verified checkpoint in output.dir, if any; none: "
+                        "start fresh (refused if output.dir holds checkpoints); PATH: a checkpoint folder "
+                        "(RUN/checkpoints/checkpoint-N) or a run folder. See docs/checkpoints.md")
     return p
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from trl import SFTConfig, SFTTrainer
 
+from lorafit.checkpoint import CheckpointingMixin
 from lorafit.layout import Layout
 from lorafit.recipe import Recipe
 
@@ -49,6 +50,9 @@ def build_args(cfg: Recipe, layout: Layout, run_dir: str, has_eval: bool) -> SFT
         ddp_find_unused_parameters=layout.ddp_find_unused_parameters,
         logging_steps=cfg.logging.steps,
         logging_first_step=True,
+        # HF checks every micro-step's loss for NaN/inf in Python (a host-device sync); lorafit's own non-finite
+        # policy checks once per optimizer step instead.
+        logging_nan_inf_filter=False,
         report_to="none",
         disable_tqdm=not cfg.logging.progress_bar,
         save_strategy="no",
@@ -78,21 +82,45 @@ class CountingCollator:
         return batch
 
 
-class LorafitTrainer(SFTTrainer):
-    """SFTTrainer that counts real tokens and reports tokens/s at each log."""
+class LorafitTrainer(CheckpointingMixin, SFTTrainer):
+    """SFTTrainer that counts real tokens and reports tokens/s at each log; checkpoints go through lorafit.checkpoint
+    (staged, committed with a manifest) once a RunSession is attached."""
 
-    def __init__(self, *a, flops_per_token: float = 0.0, peak_flops: float = 0.0, **kw):
+    def __init__(self, *a, flops_per_token: float = 0.0, peak_flops: float = 0.0, token_metrics: bool = False,
+                 **kw):
         super().__init__(*a, **kw)
         self.data_collator = CountingCollator(self.data_collator)
         self.real_tokens_local = 0
         self._last_log = None  # (time, tokens, step) at the previous training log; the clock starts at step 1
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.token_metrics = token_metrics
 
     def training_step(self, model, inputs, *a, **kw):
         if self._last_log is None:
             self._last_log = (time.perf_counter(), 0, self.state.global_step)
         self.real_tokens_local += int(inputs.pop(REAL_TOKENS_KEY, 0))
         return super().training_step(model, inputs, *a, **kw)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The training loss without TRL's per-micro-step metrics (entropy, token accuracy, token counts).
+
+        TRL gathers and `.item()`s those every micro-step: ~5 host-device syncs that stall the kernel queue between
+        forward and backward. Same loss as TRL's default path (mean NLL over answer tokens from its fused LM head);
+        any other path (eval, custom loss, label smoothing, MoE aux loss, or logging.token_metrics) goes to TRL."""
+        lean = (self.model.training and not return_outputs and not self.token_metrics
+                and self.compute_loss_func is None and self.label_smoother is None and not self.aux_loss_enabled
+                and self.args.loss_type == "nll")
+        if not lean:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        import torch
+
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_lm_head=True)
+        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; num_items counts every rank's
+        return loss
 
     def prediction_step(self, model, inputs, *a, **kw):
         inputs.pop(REAL_TOKENS_KEY, None)
@@ -153,6 +181,7 @@ def build_trainer(cfg: Recipe, args: SFTConfig, model, tokenizer, prepared, call
     return LorafitTrainer(
         flops_per_token=flops_per_token(total, cfg.training.gradient_checkpointing),
         peak_flops=peak_flops(),
+        token_metrics=cfg.logging.token_metrics,
         model=model,
         args=args,
         train_dataset=prepared.train,
