@@ -43,7 +43,8 @@ def test_every_recipe_loads_and_validates(name):
     keys = all_keys()
     flat = _flat(cfg.to_dict())
     for key, value in flat.items():
-        assert coerce(key, keys[key], value) == value, key
+        coerced = coerce(key, keys[key], value)
+        assert coerced == value and type(coerced) is type(value), key
     # And it round-trips through the recipe.yaml a run saves.
     assert from_dict(yaml.safe_load(cfg.to_yaml()), "x") == cfg
 
@@ -200,6 +201,21 @@ def test_recipe_by_path_and_saved_yaml(tmp_path):
     saved.write_text(cfg.to_yaml())
     again = load_recipe(str(saved), ["training.max_steps=7"])
     assert again == dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=7))
+
+
+def test_recipe_values_get_their_declared_types(tmp_path):
+    py = tmp_path / "r.py"
+    py.write_text(
+        "from lorafit.recipe import Recipe, TrainingConfig\n\n"
+        "def recipe():\n    return Recipe(name='r', training=TrainingConfig(epochs=2))\n"
+    )
+    cfg = load_recipe(str(py))
+    assert type(cfg.training.epochs) is float and "epochs: 2.0" in cfg.to_yaml()
+    py.write_text(
+        "from lorafit.recipe import LoraConfig, Recipe\n\ndef recipe():\n    return Recipe(lora=LoraConfig(r=8.5))\n"
+    )
+    with pytest.raises(UserError, match="recipe key 'lora.r' expects int, got 8.5"):
+        load_recipe(str(py))
 
 
 def test_bad_recipe_files(tmp_path):

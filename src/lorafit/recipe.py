@@ -470,6 +470,9 @@ def load_recipe(name_or_path: str, overrides: Iterable[str] = ()) -> Recipe:
         cfg = module.recipe()
         if not isinstance(cfg, Recipe):
             raise UserError(f"recipe() in {path} returned {type(cfg).__name__}, not lorafit.recipe.Recipe")
+        # Dataclasses do not check types: `epochs=1` would stay an int, print as `1` and come back from the saved
+        # recipe.yaml as 1.0. Rebuilding from plain values checks and normalizes every field to its declared type.
+        cfg = from_dict(cfg.to_dict(), str(path))
     return apply_overrides(cfg, overrides)
 
 
