@@ -305,6 +305,14 @@ def test_truncation_is_counted_and_prompt_only_rows_dropped(tok):
     assert [len(x) for x in out["input_ids"]][0] == 32 and len(out["input_ids"]) == 2
 
 
+def test_long_rows_do_not_trigger_the_tokenizers_length_warning(tokenizer_dir, capfd):
+    t = model.load_tokenizer(Recipe(), str(tokenizer_dir))  # a fresh tokenizer: it warns once per instance
+    t.model_max_length = 8
+    conv = data.to_conversation({"text": FIXTURE_ROWS[4]}, "llama2", DataConfig())
+    data._encode_all([conv], data.Llama2Renderer(t), DataConfig(max_length=16), data.DataStats(), True)
+    assert "Token indices sequence length" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".json", ".parquet", "folder", "saved"])
 def test_local_sources(tmp_path, tok, suffix):
     import datasets

@@ -312,7 +312,9 @@ class Encoded:
 
 
 def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    # verbose=False: lorafit truncates to data.max_length itself and counts it, so the tokenizer's warning about
+    # model_max_length would only be noise on stderr.
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def _split(tokenizer, prompt: str, full: str) -> tuple[list[int], list[int]]:
