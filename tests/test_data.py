@@ -346,6 +346,42 @@ def test_local_sources(tmp_path, tok, suffix):
     assert p.stats.format == "llama2" and p.stats.rows == len(rows) == p.stats.train_rows
 
 
+def test_a_folder_with_splits_reads_only_the_chosen_one(tmp_path, tok):
+    # A hub snapshot: data/<split>-00000-of-00001.jsonl; the test split must not be trained on.
+    (tmp_path / "data").mkdir()
+    (tmp_path / ".cache").mkdir()
+    for split, rows in (("train", FIXTURE_ROWS[:5]), ("test", FIXTURE_ROWS[5:])):
+        text = "".join(json.dumps({"text": t}) + "\n" for t in rows)
+        (tmp_path / "data" / f"{split}-00000-of-00001.jsonl").write_text(text)
+    (tmp_path / ".cache" / "junk.json").write_text("not json")  # hidden folders are never data
+    (tmp_path / "README.md").write_text("# a dataset card")
+    assert data.prepare(DataConfig(path=str(tmp_path)), tok).stats.rows == 5
+    assert data.prepare(DataConfig(path=str(tmp_path), split="test"), tok).stats.rows == len(FIXTURE_ROWS) - 5
+    with pytest.raises(UserError, match=r"holds the splits \['test', 'train'\] \(by file name\), not 'validation'"):
+        data.prepare(DataConfig(path=str(tmp_path), split="validation"), tok)
+
+
+def test_encodings(tmp_path, tok):
+    good = json.dumps({"text": FIXTURE_ROWS[0]})
+    bom = tmp_path / "bom.jsonl"  # a UTF-8 byte-order mark, as Windows editors write
+    bom.write_bytes(b"\xef\xbb\xbf" + (good + "\n" + good + "\n").encode())
+    assert data.prepare(DataConfig(path=str(bom)), tok).stats.rows == 2
+    csv_bom = tmp_path / "bom.csv"
+    csv_bom.write_bytes(b"\xef\xbb\xbftext\n" + f'"{FIXTURE_ROWS[1]}"\n'.encode())
+    assert data.prepare(DataConfig(path=str(csv_bom)), tok).stats.format == "llama2"
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes((good + "\n").encode() + '{"text": "<s>[INST] Café? [/INST] Oui. </s>"}\n'.encode("latin-1"))
+    # '{"text": "<s>[INST] Caf' is 23 bytes: the latin-1 é is byte 24 of line 2.
+    with pytest.raises(UserError, match=r"latin.jsonl line 2 is not UTF-8 text \(byte 24\); fix the line"):
+        data.prepare(DataConfig(path=str(latin)), tok)
+    assert data.prepare(DataConfig(path=str(latin), bad_rows="skip"), tok).stats.skipped_rows == 1
+    for suffix in (".json", ".csv"):
+        other = tmp_path / f"latin{suffix}"
+        other.write_bytes("text\nCafé".encode("latin-1") if suffix == ".csv" else '[{"text": "Café"}]'.encode("cp1252"))
+        with pytest.raises(UserError, match=rf"latin{suffix} is not UTF-8 text"):
+            data.prepare(DataConfig(path=str(other)), tok)
+
+
 def test_auto_format_detection():
     cfg = DataConfig()
     assert data.detect_format({"text"}, cfg, "x") == "llama2"

@@ -59,7 +59,9 @@ def _read_file(path: Path, bad_rows: str, skipped: list[str]) -> tuple[list[dict
     recs: list[dict] = []
     origins: list[tuple[str, str]] = []
     if suffix == ".jsonl" or (suffix == ".json" and _looks_like_jsonl(path)):
-        with path.open(encoding="utf-8") as fh:
+        # Bytes, so that one line in another encoding is a bad row (named, skippable) rather than a crash, and a
+        # UTF-8 byte-order mark (Windows editors write one) is accepted: json.loads detects both.
+        with path.open("rb") as fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -67,6 +69,8 @@ def _read_file(path: Path, bad_rows: str, skipped: list[str]) -> tuple[list[dict
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     obj, err = None, f"is not valid JSON ({e.msg} at column {e.colno})"
+                except UnicodeDecodeError as e:
+                    obj, err = None, f"is not UTF-8 text (byte {e.start + 1})"
                 else:
                     err = None if isinstance(obj, dict) else "is not a JSON object"
                 if err:
@@ -79,9 +83,11 @@ def _read_file(path: Path, bad_rows: str, skipped: list[str]) -> tuple[list[dict
                 origins.append((str(path), f"line {n}"))
     elif suffix == ".json":
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(path.read_bytes())
         except json.JSONDecodeError as e:
             raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text (byte {e.start + 1}); save the file as UTF-8") from None
         if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
             obj = next(iter(obj.values()))  # {"data": [...]}
         if not isinstance(obj, list) or not all(isinstance(o, dict) for o in obj):
@@ -89,8 +95,11 @@ def _read_file(path: Path, bad_rows: str, skipped: list[str]) -> tuple[list[dict
         recs = obj
         origins = [(str(path), f"row {i}") for i in range(len(obj))]
     elif suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as fh:
-            recs = list(csv.DictReader(fh))
+        try:  # utf-8-sig: a byte-order mark (Excel writes one) would otherwise stick to the first column's name
+            with path.open(encoding="utf-8-sig", newline="") as fh:
+                recs = list(csv.DictReader(fh))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text (byte {e.start + 1}); save the file as UTF-8") from None
         origins = [(str(path), f"row {i}") for i in range(len(recs))]
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -104,10 +113,10 @@ def _read_file(path: Path, bad_rows: str, skipped: list[str]) -> tuple[list[dict
 
 
 def _looks_like_jsonl(path: Path) -> bool:
-    with path.open(encoding="utf-8") as fh:
-        first = fh.readline().strip()
+    with path.open("rb") as fh:
+        first = fh.readline().removeprefix(b"\xef\xbb\xbf").strip()
         second = fh.readline().strip()
-    return first.startswith("{") and second.startswith("{")
+    return first.startswith(b"{") and second.startswith(b"{")
 
 
 def read_source(cfg: DataConfig, skipped: list[str]) -> Rows:
@@ -136,8 +145,7 @@ def read_source(cfg: DataConfig, skipped: list[str]) -> Rows:
                     raise UserError(f"{p} has no split '{cfg.split}'; set data.split to one of {sorted(ds)}")
                 ds = ds[cfg.split]
             return Rows(ds.to_list(), [(str(p), f"row {i}") for i in range(len(ds))], str(p))
-        files = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in FILE_SUFFIXES
-                       and not q.name.startswith("."))
+        files = _split_files(p, cfg.split)
         if not files:
             raise UserError(f"data.path {p} is a folder with no parquet, jsonl, json or csv files")
         recs, origins = [], []
@@ -149,6 +157,22 @@ def read_source(cfg: DataConfig, skipped: list[str]) -> Rows:
     if _looks_like_local(cfg.path):
         raise UserError(f"data.path {cfg.path} does not exist; give an existing file or folder, or a hub dataset id")
     return _read_hub(cfg)
+
+
+def _split_files(folder: Path, split: str) -> list[Path]:
+    """The data files of `split` in a folder, told apart by names the way `datasets` does (data/train-0000.parquet,
+    test.jsonl, validation/...), so a hub snapshot's test split is not trained on; unnamed files are all `train`."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        patterns = {str(k): v for k, v in get_data_patterns(str(folder)).items()}
+    except FileNotFoundError:  # datasets' EmptyDatasetError: no files at all
+        return []
+    if split not in patterns:
+        raise UserError(f"data.path {folder} holds the splits {sorted(patterns)} (by file name), not '{split}'; "
+                        "set data.split")
+    found = DataFilesDict.from_patterns({split: patterns[split]}, base_path=str(folder))[split]
+    return sorted(Path(q) for q in found if Path(q).suffix.lower() in FILE_SUFFIXES)
 
 
 def _looks_like_local(path: str) -> bool:
