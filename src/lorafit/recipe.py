@@ -107,7 +107,8 @@ class DataConfig:
         "Dataset: a hub id, a parquet/jsonl/json/csv file, a folder of them, a `datasets` saved folder, or "
         "'synthetic:<task>' for lorafit's built-in generated data.",
     )
-    split: str = f("train", "Split to read (hub ids and saved DatasetDicts).")
+    split: str = f("train", "Split to read: of a hub id, a saved DatasetDict, or a folder whose file names name "
+                   "splits as on the hub (data/train-00000-of-00001.parquet, test.jsonl).")
     format: Literal["auto", "llama2", "alpaca", "messages"] = f(
         "auto", "Row format: llama2 (pre-rendered <s>[INST] ... [/INST] ... </s> text), alpaca "
         "(instruction/input/output), messages (chat list of {role, content}); auto detects it from the columns."
