@@ -33,7 +33,7 @@ RECIPE_DIRS = [Path(p) for p in os.environ.get("LORAFIT_RECIPES", "").split(os.p
 
 
 def f(default: Any, doc: str, **kw):
-    """A dataclass field carrying its documentation (shown by --print-config --doc and in docs/recipes.md)."""
+    """A dataclass field carrying its documentation (docs/recipes.md is generated from it: lorafit.recipe_docs)."""
     if dataclasses.is_dataclass(default) and isinstance(default, type):  # a section: each recipe gets its own
         return field(default_factory=default, metadata={"doc": doc}, **kw)
     if isinstance(default, list | dict):
@@ -478,7 +478,7 @@ def load_recipe(name_or_path: str, overrides: Iterable[str] = ()) -> Recipe:
 
 
 def describe_fields(cls=Recipe, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, doc) of every leaf, for docs and --print-config --doc."""
+    """(key, type, default, doc) of every leaf, for docs/recipes.md (python -m lorafit.recipe_docs)."""
     rows = []
     hints = _hints(cls)
     default = cls()
