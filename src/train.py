@@ -14,8 +14,8 @@ Data flows one way: recipe -> layout -> data/model -> trainer -> run dir. Each s
 import sys
 import time
 
-from lorafit import cli, data, layout, model, recipe, tb, trainer
-from lorafit.dist import main_first
+from lorafit import cli, layout, model, recipe, tb, trainer
+from lorafit.dist import main_first, prepare_data
 
 
 def train(args, holder) -> int:
@@ -33,7 +33,7 @@ def train(args, holder) -> int:
     def inputs():
         source = model.materialize(cfg.model, is_local_main)
         tok = model.load_tokenizer(cfg, source)
-        return source, tok, data.prepare(cfg.data, tok)
+        return source, tok, prepare_data(cfg.data, tok, is_local_main)  # tokenized once per machine
 
     source, tok, prepared = main_first(inputs, is_local_main)
     cli.log.info("%s", lay.describe())

@@ -1,25 +1,37 @@
 """The layout policy: every decision that depends on how the run is launched, made once, before the model loads.
 
 Inputs are the environment that `accelerate launch` / torchrun set (WORLD_SIZE, LOCAL_RANK, ACCELERATE_USE_DEEPSPEED,
-the ZeRO stage, ...), the recipe and whether CUDA is there, so the policy is a pure function, unit-tested for every
-layout on CPU. Decisions:
+the ZeRO stage, the mixed precision, offload devices), the recipe, and what the machine has (CUDA, GPU count, bf16),
+so the policy is a pure function, unit-tested for every layout on CPU (tests/test_layout.py). Decisions:
 
-| layout  | device_map                 | 4-bit storage dtype | gradient checkpointing |
-|---------|----------------------------|---------------------|------------------------|
-| cpu     | {"": "cpu"}                | uint8               | non-reentrant          |
-| single  | {"": local_process_index}  | uint8               | non-reentrant          |
-| ddp     | {"": local_process_index}  | uint8               | non-reentrant          |
-| zero2   | {"": local_process_index}  | uint8               | non-reentrant          |
-| zero3   | none (ZeRO-3 places shards)| = compute dtype     | reentrant              |
+| layout  | device_map                  | 4-bit storage dtype | gradient checkpointing |
+|---------|-----------------------------|---------------------|------------------------|
+| cpu     | {"": "cpu"}                 | uint8               | non-reentrant          |
+| single  | {"": local_process_index}   | uint8               | non-reentrant          |
+| ddp     | {"": local_process_index}   | uint8               | non-reentrant          |
+| zero2   | {"": local_process_index}   | uint8               | non-reentrant          |
+| zero3   | none (ZeRO-3 shards it)     | = compute dtype     | reentrant              |
 
+Why:
 - The local index, not the global rank: on node 2 of 2, rank 9 owns GPU 1. Never device_map="auto" with several
-  processes: it would spread one copy of the model over every GPU from every process.
-- ZeRO-3 partitions parameters by flattening them per dtype; packed 4-bit weights must then be stored in the same
-  dtype as the LoRA/float parameters (bnb_4bit_quant_storage) or sharding mixes dtypes and fails.
-- DDP with reentrant checkpointing marks shared LoRA parameters ready twice; non-reentrant avoids it, and
-  find_unused_parameters=False is correct because every LoRA parameter is used each step.
-- ZeRO-3 with non-reentrant checkpointing re-gathers parameters whose saved metadata no longer matches in the
-  recompute; reentrant checkpointing (with input grads enabled) is what PEFT + DeepSpeed ZeRO-3 needs.
+  processes: each process would spread its own copy of the model over every GPU of the machine.
+- ZeRO-3 gets no device_map: bitsandbytes' quantizer then loads onto the current GPU (accelerate set it to the local
+  index), and DeepSpeed partitions every parameter, the packed 4-bit ones included, when the engine starts; each GPU
+  keeps about 1/N (the training arguments are built before from_pretrained so transformers knows ZeRO-3 is on).
+- ZeRO-3 4-bit storage = compute dtype: in bf16/fp16 mode DeepSpeed casts every floating-point parameter to that
+  dtype when the engine starts. Packed 4-bit bytes stored as float32 would be converted as numbers and destroyed (seen
+  on CPU: "shape '[64, 32]' is invalid for input of size 1024"); stored in the compute dtype they are left alone and
+  are sharded like every other parameter, which is the configuration PEFT documents for QLoRA + ZeRO-3. The same cast
+  puts LoRA weights and norms in the compute dtype. ZeRO-2 does not partition parameters: uint8 storage is kept.
+- DDP: non-reentrant checkpointing. Reentrant checkpointing re-runs backward hooks, which DDP rejects as soon as it
+  looks for unused parameters ("Expected to mark a variable ready only once", reproduced on CPU);
+  find_unused_parameters=False is right anyway because every LoRA weight is used at every step, and it saves a
+  graph traversal per step.
+- ZeRO-3 + PEFT: reentrant checkpointing. Non-reentrant checkpointing checks the saved tensors' metadata in the
+  recompute, where ZeRO-3 has already released frozen parameters to shape [0] ("CheckpointError: Recomputed values
+  ... have different metadata", huggingface/transformers#47254, deepspeedai/DeepSpeed#4332; TRL forces reentrant in
+  this case for the same reason). Input grads are enabled (lorafit.model), which reentrant checkpointing needs to
+  propagate gradients through a frozen base.
 """
 
 from __future__ import annotations
@@ -32,6 +44,28 @@ from typing import Any
 
 from lorafit.errors import UserError
 from lorafit.recipe import Recipe
+
+# transformers' optimizer names that run bitsandbytes kernels on the GPU (paged or 8-bit state, Lion, AdEMAMix).
+BNB_OPTIMIZERS = frozenset(
+    {
+        "adamw_bnb_8bit",
+        "adamw_8bit",
+        "ademamix",
+        "ademamix_8bit",
+        "lion_8bit",
+        "lion_32bit",
+        "paged_adamw_32bit",
+        "paged_adamw_8bit",
+        "paged_ademamix_32bit",
+        "paged_ademamix_8bit",
+        "paged_lion_32bit",
+        "paged_lion_8bit",
+        "rmsprop_bnb",
+        "rmsprop_bnb_8bit",
+        "rmsprop_bnb_32bit",
+    }
+)
+_PRECISION_OF = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 
 
 @dataclass
@@ -59,95 +93,156 @@ class Layout:
         return asdict(self)
 
     def describe(self) -> str:
-        return (f"layout {self.kind}: world size {self.world_size}, device {self.device}, device_map "
-                f"{self.device_map}, 4-bit storage {self.quant_storage}, gradient checkpointing "
-                f"{'on ' + json.dumps(self.gradient_checkpointing_kwargs) if self.gradient_checkpointing else 'off'}, "
-                f"effective batch {self.effective_batch}")
+        return (
+            f"layout {self.kind}: world size {self.world_size}, device {self.device}, device_map "
+            f"{self.device_map}, 4-bit storage {self.quant_storage}, gradient checkpointing "
+            f"{'on ' + json.dumps(self.gradient_checkpointing_kwargs) if self.gradient_checkpointing else 'off'}, "
+            f"effective batch {self.effective_batch}"
+        )
 
 
 def _truthy(v: str | None) -> bool:
     return str(v).lower() in {"1", "true", "yes"}
 
 
-def _zero_stage(env: Mapping[str, str]) -> int | None:
+def _deepspeed(env: Mapping[str, str]) -> dict | None:
+    """The ZeRO stage and offload devices accelerate launch passes down, or None without DeepSpeed."""
     if not _truthy(env.get("ACCELERATE_USE_DEEPSPEED")):
         return None
-    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    if stage:
-        return int(stage)
+    ds: dict = {}
     cfg_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if cfg_file and os.path.isfile(cfg_file):
         with open(cfg_file) as fh:
-            return int(json.load(fh).get("zero_optimization", {}).get("stage", 0))
-    return 0
+            zero = json.load(fh).get("zero_optimization", {})
+        ds = {
+            "stage": zero.get("stage", 0),
+            "offload_optimizer": zero.get("offload_optimizer", {}).get("device"),
+            "offload_param": zero.get("offload_param", {}).get("device"),
+        }
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    ds["stage"] = int(stage) if stage else int(ds.get("stage") or 0)
+    for key in ("offload_optimizer", "offload_param"):
+        dev = env.get(f"ACCELERATE_DEEPSPEED_{key.upper()}_DEVICE") or ds.get(key) or "none"
+        ds[key] = str(dev).lower()
+    return ds
 
 
-def decide(cfg: Recipe, env: Mapping[str, str] | None = None, cuda_available: bool | None = None,
-           bf16_supported: bool | None = None) -> Layout:
+def decide(
+    cfg: Recipe,
+    env: Mapping[str, str] | None = None,
+    cuda_available: bool | None = None,
+    bf16_supported: bool | None = None,
+    gpu_count: int | None = None,
+    shape=None,
+    gpu_gib: float | None = None,
+) -> Layout:
     """Decide the layout from the launch environment and the recipe; refuse what cannot work (UserError)."""
     env = os.environ if env is None else env
-    if cuda_available is None:
+    if cuda_available is None or gpu_count is None:
         import torch
 
-        cuda_available = torch.cuda.is_available()
+        cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
+        gpu_count = (torch.cuda.device_count() if cuda_available else 0) if gpu_count is None else gpu_count
     world = int(env.get("WORLD_SIZE", "1"))
     rank = int(env.get("RANK", "0"))
     local = int(env.get("LOCAL_RANK", "0"))
-    stage = _zero_stage(env)
-    want_cpu = cfg.training.device == "cpu" or _truthy(env.get("ACCELERATE_USE_CPU"))
-    if cfg.training.device == "cuda" and not cuda_available:
-        raise UserError("training.device=cuda but no CUDA GPU is visible; use training.device=auto or cpu")
-    on_cpu = want_cpu or not cuda_available
-    q = cfg.quantization
-    notes: list[str] = []
+    q, t = cfg.quantization, cfg.training
 
-    if stage is not None and stage not in (0, 2, 3):
-        raise UserError(f"DeepSpeed ZeRO stage {stage} is not supported; use launch/zero2.yaml or launch/zero3.yaml")
-    if stage == 0:
-        stage = None
+    if _truthy(env.get("ACCELERATE_USE_FSDP")):
+        raise UserError(
+            "FSDP is not a lorafit layout; for sharded 4-bit training use launch/zero3.yaml "
+            "(accelerate launch --config_file launch/zero3.yaml src/train.py ...)"
+        )
+    if t.device == "cuda" and not cuda_available:
+        raise UserError("training.device=cuda but no CUDA GPU is visible; use training.device=auto or cpu")
+    on_cpu = t.device == "cpu" or _truthy(env.get("ACCELERATE_USE_CPU")) or not cuda_available
+    if not on_cpu and local >= gpu_count:
+        raise UserError(
+            f"process {local} of this machine has no GPU of its own ({gpu_count} visible); launch at "
+            f"most {gpu_count} processes per machine (--num_processes {gpu_count})"
+        )
+
+    ds = _deepspeed(env)
+    stage = ds["stage"] if ds else None
+    if stage not in (None, 2, 3):
+        raise UserError(
+            f"DeepSpeed ZeRO stage {stage} is not a lorafit layout; use launch/zero2.yaml (optimizer "
+            "state and gradients sharded) or launch/zero3.yaml (weights sharded too)"
+        )
+    if ds and ds["offload_param"] != "none" and stage != 3:
+        raise UserError(f"parameter offload ({ds['offload_param']}) needs ZeRO-3; use launch/zero3_offload.yaml")
+    if ds and ds["offload_optimizer"] != "none" and t.optimizer in BNB_OPTIMIZERS:
+        raise UserError(
+            f"training.optimizer={t.optimizer} runs bitsandbytes kernels on the GPU, but ZeRO offload "
+            "steps the optimizer on the CPU; set --set training.optimizer=adamw_torch, or use "
+            "launch/zero3.yaml without offload"
+        )
     kind = "zero3" if stage == 3 else "zero2" if stage == 2 else "ddp" if world > 1 else "cpu" if on_cpu else "single"
 
+    # The trainer runs in the compute dtype's precision on a GPU (bf16=/fp16= of its arguments, which override the
+    # launcher's) and in float32 on a CPU, where the launcher's setting would take effect instead (autocast under DDP,
+    # DeepSpeed's bf16 mode). A launcher asking for another precision is refused rather than half-applied.
     mp = (env.get("ACCELERATE_MIXED_PRECISION") or "no").lower()
-    if mp in {"bf16", "fp16"} and {"bf16": "bfloat16", "fp16": "float16"}[mp] != q.compute_dtype:
-        want = "bfloat16" if mp == "bf16" else "float16"
-        raise UserError(f"the launch config uses mixed precision {mp} but quantization.compute_dtype="
-                        f"{q.compute_dtype}; set --set quantization.compute_dtype={want} or pick a launch config "
-                        "with the matching precision")
+    trainer_mp = "no" if on_cpu else _PRECISION_OF[q.compute_dtype]
+    if mp != "no" and mp != trainer_mp:
+        if on_cpu:
+            raise UserError(
+                f"the launch asks for mixed precision {mp}, but lorafit trains in float32 on a CPU; pass "
+                "--mixed_precision no to accelerate launch"
+            )
+        raise UserError(
+            f"the launch asks for mixed precision {mp} but quantization.compute_dtype={q.compute_dtype}; "
+            f"pass --mixed_precision {trainer_mp} to accelerate launch, or set --set "
+            f"quantization.compute_dtype={_compute_for(mp)}"
+        )
     if not on_cpu and q.compute_dtype == "bfloat16" and bf16_supported is False:
-        raise UserError("this GPU has no bfloat16 support; set --set quantization.compute_dtype=float16")
+        raise UserError(
+            "this GPU has no bfloat16 support; set --set quantization.compute_dtype=float16 and launch "
+            "with --mixed_precision fp16"
+        )
 
+    notes: list[str] = []
     if kind == "zero3":
-        storage = q.compute_dtype
         if q.load_in_4bit and q.quant_storage not in {"auto", q.compute_dtype}:
-            raise UserError(f"ZeRO-3 cannot shard 4-bit weights stored as {q.quant_storage} next to "
-                            f"{q.compute_dtype} LoRA weights; leave quantization.quant_storage=auto (or set it to "
-                            f"{q.compute_dtype}), or use launch/zero2.yaml or launch/ddp.yaml")
+            raise UserError(
+                f"ZeRO-3 needs the packed 4-bit weights stored in the compute dtype ({q.compute_dtype}), "
+                f"not {q.quant_storage}; leave quantization.quant_storage=auto, or use launch/zero2.yaml"
+            )
+        storage = q.compute_dtype
         device_map = None
         gc_kwargs = {"use_reentrant": True}
-        notes.append("ZeRO-3: no device_map; 4-bit weights stored in the compute dtype so they shard with LoRA")
+        notes.append("ZeRO-3: no device_map; 4-bit weights stored in the compute dtype so they shard with the rest")
     else:
         storage = "uint8" if q.quant_storage == "auto" else q.quant_storage
         device_map = {"": "cpu"} if on_cpu else {"": local}
         gc_kwargs = {"use_reentrant": False}
-    if on_cpu and kind != "zero3":
-        device = "cpu"
-    else:
-        device = "cpu" if on_cpu else f"cuda:{local}"
 
-    lay = Layout(
+    gc = t.gradient_checkpointing
+    if gc == "auto":  # the memory planner decides; shape and GPU size are looked up unless given (tests give them)
+        from lorafit import plan
+
+        shape = shape or plan.shape_of(cfg.model)
+        gpu_gib = gpu_gib if gpu_gib is not None or on_cpu else plan.smallest_gpu_gib()
+        gc = plan.choose_checkpointing(cfg, shape, gpu_gib, world, kind == "zero3")
+        notes.append(f"gradient checkpointing {'on' if gc else 'off'}: chosen by the memory planner (--plan)")
+
+    return Layout(
         kind=kind,
         world_size=world,
         rank=rank,
         local_rank=local,
-        device=device,
+        device="cpu" if on_cpu else f"cuda:{local}",
         device_map=device_map,
         quant_storage=storage,
         compute_dtype=q.compute_dtype,
-        gradient_checkpointing=cfg.training.gradient_checkpointing,
-        gradient_checkpointing_kwargs=gc_kwargs if cfg.training.gradient_checkpointing else {},
+        gradient_checkpointing=gc,
+        gradient_checkpointing_kwargs=gc_kwargs if gc else {},
         ddp_find_unused_parameters=False if world > 1 else None,
         zero_stage=stage,
-        effective_batch=cfg.training.per_device_batch_size * cfg.training.gradient_accumulation_steps * world,
+        effective_batch=t.per_device_batch_size * t.gradient_accumulation_steps * world,
         notes=notes,
     )
-    return lay
+
+
+def _compute_for(mp: str) -> str:
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(mp, "float32")

@@ -204,11 +204,9 @@ def load_model(cfg: Recipe, layout: Layout, source: str, tokenizer):
         model = get_peft_model(model, peft_cfg)
     except ValueError as e:
         raise UserError(f"lora.target_modules={lc.target_modules}: {str(e).splitlines()[0]}") from None
-    if layout.kind == "zero3":
-        # ZeRO-3 flattens parameters per dtype: keep every trainable parameter in the compute dtype.
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(dtype)
+    # No dtype fix-up for ZeRO-3 here: TRL recasts LoRA weights to bf16 when it wraps a quantized model, and
+    # DeepSpeed's bf16/fp16 mode then casts every float parameter to the compute dtype (lorafit.layout explains why
+    # the 4-bit storage dtype must equal it).
     trainable, total = model.get_nb_trainable_parameters()
     log.info("parameters: %s trainable / %s total (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model

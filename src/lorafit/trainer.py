@@ -16,6 +16,7 @@ from pathlib import Path
 from trl import SFTConfig, SFTTrainer
 
 from lorafit.checkpoint import CheckpointingMixin
+from lorafit.dist import memory_per_rank
 from lorafit.layout import Layout
 from lorafit.recipe import Recipe
 
@@ -220,6 +221,7 @@ def write_summary(run_dir: Path, cfg: Recipe, layout: Layout, trainer: LorafitTr
 
     if torch.cuda.is_available():
         summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)  # this rank's
+    summary.update(memory_per_rank(trainer.model))  # collective: every rank's peak and parameter bytes, by rank
     steady = [h for h in hist if "tokens_per_second" in h][2:]  # the first logs include warm-up and compilation
     if steady:
         summary["steady_tokens_per_second"] = sorted(h["tokens_per_second"] for h in steady)[len(steady) // 2]
