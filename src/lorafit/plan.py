@@ -1,0 +1,144 @@
+"""The memory planner: peak GPU memory per process, estimated from the model's config.json before anything loads.
+
+    python src/train.py --recipe llama2_guanaco_fast --plan     # estimate + the settings it would choose
+
+Used by `training.gradient_checkpointing=auto`: checkpointing stays off when the estimate without it fits in 90% of
+the smallest visible GPU (faster: 4P instead of 6P FLOPs per token), and turns on when it does not.
+
+Per process, in bytes:
+- base: NF4 linear weights at 0.5 B/param + one float32 absmax per 64 weights (double quant: 8 bits + a float32
+  per 256 blocks) + the other parameters (embeddings, head, norms) in the compute dtype; divided by the world size
+  under ZeRO-3, which shards them.
+- LoRA: r*(in+out) per adapted linear, float32 weight + gradient + two AdamW moments = 16 B/param.
+- activations: tokens per micro-step x layers x hidden x c, with c calibrated on an H100 (docs/benchmarks.md,
+  2026-11-27: llama2_guanaco_fast, 7B, 4,096 packed tokens, peak 26.9 GiB with Liger, 32.3 GiB without):
+  c = 44 B with Liger's fused kernels, 54 B without. With checkpointing only each layer's input is kept (2 B)
+  plus one layer being recomputed.
+The numbers are estimates (allocator fragmentation and library workspaces vary by ~10%); --plan says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 2**30
+ACT_BYTES_NO_GC = {True: 44.0, False: 54.0}  # per token x layer x hidden, keyed by Liger on/off (see docstring)
+FIT_FRACTION = 0.9
+
+
+@dataclass
+class Shape:
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+    heads: int
+    kv_heads: int
+
+    @classmethod
+    def from_config(cls, c) -> Shape:
+        heads = c.num_attention_heads
+        return cls(c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size, heads,
+                   getattr(c, "num_key_value_heads", None) or heads)
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear of one decoder layer, by the names PEFT targets."""
+        h, kv = self.hidden, self.hidden * self.kv_heads // self.heads
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, self.intermediate), "up_proj": (h, self.intermediate),
+                "down_proj": (self.intermediate, h)}
+
+
+@dataclass
+class Estimate:
+    base_gib: float
+    lora_gib: float
+    activations_gib: float
+    gradient_checkpointing: bool
+    tokens_per_micro_step: int
+
+    @property
+    def total_gib(self) -> float:
+        return self.base_gib + self.lora_gib + self.activations_gib
+
+
+def estimate(shape: Shape, *, lora_r: int, targets: list[str] | None, tokens_per_micro_step: int, gc: bool,
+             liger: bool, world: int = 1, zero3: bool = False, double_quant: bool = False,
+             load_in_4bit: bool = True, dtype_bytes: int = 2) -> Estimate:
+    lin = shape.linear_shapes()
+    linear_params = shape.layers * sum(i * o for i, o in lin.values())
+    other_params = 2 * shape.vocab * shape.hidden + shape.layers * 2 * shape.hidden + shape.hidden
+    if load_in_4bit:
+        absmax = (1.0 + 4.0 / 256) / 64 if double_quant else 4.0 / 64
+        base = linear_params * (0.5 + absmax) + other_params * dtype_bytes
+    else:
+        base = (linear_params + other_params) * dtype_bytes
+    if zero3:
+        base /= world
+    names = list(lin) if targets in (["all-linear"], "all-linear") else (targets or ["q_proj", "v_proj"])
+    lora_params = shape.layers * sum(lora_r * (lin[n][0] + lin[n][1]) for n in names if n in lin)
+    lora = lora_params * 16.0
+    per_layer_token = shape.hidden * ACT_BYTES_NO_GC[liger]
+    if gc:
+        act = tokens_per_micro_step * (shape.layers * shape.hidden * 2.0 + per_layer_token)
+    else:
+        act = tokens_per_micro_step * shape.layers * per_layer_token
+    return Estimate(base / GIB, lora / GIB, act / GIB, gc, tokens_per_micro_step)
+
+
+def for_recipe(cfg, shape: Shape, world: int = 1, zero3: bool = False, gc: bool | None = None) -> Estimate:
+    t = cfg.training
+    return estimate(
+        shape, lora_r=cfg.lora.r, targets=cfg.lora.target_modules,
+        tokens_per_micro_step=t.per_device_batch_size * cfg.data.max_length,  # the worst case: full rows
+        gc=bool(t.gradient_checkpointing) if gc is None else gc, liger=t.liger_kernels, world=world,
+        zero3=zero3, double_quant=cfg.quantization.double_quant, load_in_4bit=cfg.quantization.load_in_4bit,
+        dtype_bytes=4 if cfg.quantization.compute_dtype == "float32" else 2)
+
+
+def choose_checkpointing(cfg, shape: Shape, gpu_gib: float | None, world: int = 1, zero3: bool = False) -> bool:
+    """For gradient_checkpointing=auto: off when the model fits without it, else on. No GPU: off (we do not plan
+    for CPU RAM; the CPU recipes are small)."""
+    if gpu_gib is None:
+        return False
+    return for_recipe(cfg, shape, world, zero3, gc=False).total_gib > FIT_FRACTION * gpu_gib
+
+
+def shape_of(model_cfg) -> Shape:
+    """The model's shape from its config alone (no weights are read)."""
+    from transformers import AutoConfig
+
+    from lorafit.model import resolve_source
+
+    src = resolve_source(model_cfg)
+    kw = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file else {}
+    return Shape.from_config(AutoConfig.from_pretrained(src, revision=model_cfg.revision, **kw))
+
+
+def smallest_gpu_gib() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())) / GIB
+
+
+def describe(cfg, shape: Shape, gpu_gib: float | None, world: int, zero3: bool) -> str:
+    rows = []
+    for gc in (False, True):
+        e = for_recipe(cfg, shape, world, zero3, gc=gc)
+        rows.append(f"  checkpointing {'on ' if gc else 'off'}: base {e.base_gib:5.2f} + LoRA/optimizer "
+                    f"{e.lora_gib:5.2f} + activations {e.activations_gib:6.2f} = {e.total_gib:6.2f} GiB per GPU")
+    gpu = f"{gpu_gib:.1f} GiB" if gpu_gib else "no GPU visible"
+    want = cfg.training.gradient_checkpointing
+    chosen = choose_checkpointing(cfg, shape, gpu_gib, world, zero3) if want == "auto" else bool(want)
+    micro = cfg.training.per_device_batch_size * cfg.data.max_length
+    return "\n".join([
+        f"plan for {cfg.name}: {shape.layers} layers x {shape.hidden} hidden, vocab {shape.vocab}; "
+        f"{world} process(es){' (ZeRO-3 shards the base)' if zero3 else ''}; smallest GPU {gpu}",
+        f"  micro-step: {cfg.training.per_device_batch_size} rows x {cfg.data.max_length} tokens = {micro} tokens "
+        f"at most; packing {'on' if cfg.data.packing else 'off'}; Liger {'on' if cfg.training.liger_kernels else 'off'}",
+        *rows,
+        f"  chosen: gradient checkpointing {'on' if chosen else 'off'}"
+        f"{' (auto)' if want == 'auto' else ''}; estimates are +-10% (allocator and library workspaces vary)",
+    ])

@@ -1,0 +1,35 @@
+"""The memory planner against the H100 measurements it was calibrated on, and its choices."""
+
+import pytest
+
+from lorafit import plan, recipe
+
+LLAMA2_7B = plan.Shape(hidden=4096, intermediate=11008, layers=32, vocab=32000, heads=32, kv_heads=32)
+
+
+@pytest.mark.parametrize(("liger", "measured_gib"), [(True, 26.91), (False, 32.29)])
+def test_estimate_matches_h100_measurements(liger, measured_gib):
+    # docs/benchmarks.md, 2026-11-27, one H100: llama2_guanaco_fast on the 7B shape, 4 x 1024 packed tokens.
+    e = plan.estimate(LLAMA2_7B, lora_r=64, targets=None, tokens_per_micro_step=4096, gc=False, liger=liger)
+    # Hand check of the fixed part: 6.476e9 linear params x (0.5 + 4/64) B + 262.4e6 other params x 2 B = 3.88 GiB;
+    # LoRA q,v r=64: 32 layers x 64 x (4096+4096) x 2 modules = 33.55e6 params x 16 B = 0.50 GiB.
+    assert e.base_gib == pytest.approx(3.88, abs=0.01)
+    assert e.lora_gib == pytest.approx(0.50, abs=0.01)
+    assert e.total_gib == pytest.approx(measured_gib, rel=0.10)
+
+
+def test_checkpointing_cuts_activations_and_zero3_shards_the_base():
+    kw = dict(lora_r=64, targets=None, tokens_per_micro_step=4096, liger=True)
+    off, on = plan.estimate(LLAMA2_7B, gc=False, **kw), plan.estimate(LLAMA2_7B, gc=True, **kw)
+    assert on.activations_gib < off.activations_gib / 10
+    z3 = plan.estimate(LLAMA2_7B, gc=False, world=4, zero3=True, **kw)
+    assert z3.base_gib == pytest.approx(off.base_gib / 4)
+
+
+def test_auto_checkpointing_follows_the_gpu_size():
+    cfg = recipe.load_recipe("llama2_guanaco_fast")
+    assert plan.choose_checkpointing(cfg, LLAMA2_7B, gpu_gib=79.2) is False  # ~26 GiB fits an 80 GB H100
+    assert plan.choose_checkpointing(cfg, LLAMA2_7B, gpu_gib=24.0) is True  # not a 24 GB card
+    assert plan.choose_checkpointing(cfg, LLAMA2_7B, gpu_gib=None) is False
+    text = plan.describe(cfg, LLAMA2_7B, 79.2, 1, False)
+    assert "checkpointing off" in text and "chosen: gradient checkpointing off" in text
