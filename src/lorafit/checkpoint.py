@@ -564,7 +564,12 @@ class RunSession:
         if decision["path"]:
             self.resume_path, self.resume_step = decision["path"], decision["step"]
             self.saved_state = json.loads((Path(self.resume_path) / STATE).read_text())
-            log.info("resuming from %s (step %d, verified against its manifest)", self.resume_path, self.resume_step)
+            log.info(
+                "resuming from %s (step %d, verified against its manifest in %.1f s)",
+                self.resume_path,
+                self.resume_step,
+                decision.get("verify_s", 0.0),
+            )
         self.signals.install()
         atexit.register(self.close)
 
@@ -613,7 +618,9 @@ class RunSession:
                         f"--resume {resume}: no such folder; give RUN/checkpoints/checkpoint-N, a run "
                         "folder, auto or none"
                     )
+            t0 = time.perf_counter()
             manifest = verify(folder)
+            out["verify_s"] = round(time.perf_counter() - t0, 2)
             if not (folder / STATE).is_file():
                 raise UserError(f"checkpoint {folder} has no {STATE}; it was not written by lorafit")
             step = int(manifest["step"])
@@ -748,11 +755,13 @@ class RunSession:
 def _optimizer_steps(trainer) -> int:
     """Optimizer steps applied, read from the optimizer's own state (torch and bitsandbytes Adam keep 'step');
     -1 where the optimizer keeps none (DeepSpeed's)."""
+    if trainer.is_deepspeed_enabled:
+        return -1
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    for st in getattr(opt, "state", {}).values():
+    for st in opt.state.values():
         if isinstance(st, dict) and "step" in st:
             return int(st["step"])
-    return 0 if getattr(opt, "state", None) is not None else -1
+    return 0
 
 
 class StepGuard(TrainerCallback):
@@ -855,6 +864,10 @@ class StepGuard(TrainerCallback):
         return control
 
 
+def _nan_loss(out):
+    return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
+
+
 class CheckpointingMixin:
     """Mixed into lorafit's SFTTrainer: routes HF's checkpoint writer through `RunSession.save` and feeds the
     per-step guard. Inert until `RunSession.attach(trainer)`."""
@@ -862,16 +875,17 @@ class CheckpointingMixin:
     _lorafit: RunSession | None = None
     _lorafit_output_dir: str | None = None
 
-    def compute_loss(self, model, inputs, *a, **kw):
-        out = super().compute_loss(model, inputs, *a, **kw)
-        if self._lorafit is not None and _test_hook_fires("LORAFIT_TEST_NAN_AT", self.state.global_step + 1):
-            if isinstance(out, tuple):
-                return (out[0] * float("nan"), *out[1:])
-            return out * float("nan")
-        return out
-
     def training_step(self, model, inputs, *a, **kw):
-        loss = super().training_step(model, inputs, *a, **kw)
+        if self._lorafit is not None and _test_hook_fires("LORAFIT_TEST_NAN_AT", self.state.global_step + 1):
+            # Whatever computes the loss (TRL's or a subclass's lean path), its result becomes NaN before backward.
+            inner = self.compute_loss
+            self.compute_loss = lambda *x, **y: _nan_loss(inner(*x, **y))
+            try:
+                loss = super().training_step(model, inputs, *a, **kw)
+            finally:
+                del self.compute_loss
+        else:
+            loss = super().training_step(model, inputs, *a, **kw)
         if self._lorafit is not None:
             self._lorafit.guard.note_loss(loss)
         return loss
@@ -892,6 +906,14 @@ class CheckpointingMixin:
         for n, p in target.named_parameters():
             if n in before and p.dtype != before[n]:
                 p.data = p.data.to(before[n])
+
+    def _maybe_log_save_evaluate(self, tr_loss, *a, **kw):
+        super()._maybe_log_save_evaluate(tr_loss, *a, **kw)
+        if self._lorafit is not None and self._globalstep_last_logged == self.state.global_step:
+            # HF "resets" the accumulated loss with tr_loss -= tr_loss, which keeps a NaN for ever once its own
+            # per-micro-step NaN filter is off (it is: a sync per micro-step, see build_args). Zeroing it after each
+            # log (no sync) confines a skipped step's NaN to the log interval it happened in.
+            tr_loss.zero_()
 
     def _get_output_dir(self, trial):
         return self._lorafit_output_dir or super()._get_output_dir(trial)
