@@ -14,7 +14,7 @@ Data flows one way: recipe -> layout -> data/model -> trainer -> run dir. Each s
 import sys
 import time
 
-from lorafit import checkpoint, cli, layout, model, recipe, tb, trainer
+from lorafit import checkpoint, cli, evaluate, layout, model, recipe, tb, trainer
 from lorafit.dist import main_first, prepare_data
 
 
@@ -47,21 +47,23 @@ def train(args, holder) -> int:
     if lay.is_main:
         (out / "recipe.yaml").write_text(cfg.to_yaml())
     writer = tb.RankZeroWriter(str(out / "tb") if cfg.logging.tensorboard else None, lay.is_main, run.purge_step)
-    sft = trainer.build_trainer(cfg, args_hf, net, tok, prepared, [tb.TensorBoardLogger(writer, cfg.to_yaml())])
+    evals = evaluate.EvalCallback(cfg, lay, prepared.renderer, tok, prepared.eval_conversations, writer)
+    callbacks = [tb.TensorBoardLogger(writer, cfg.to_yaml()), evals]
+    sft = trainer.build_trainer(cfg, args_hf, net, tok, prepared, callbacks)
     run.attach(sft)  # refuses a checkpoint saved for another model or LoRA shape
     t0 = time.perf_counter()
     sft.train(resume_from_checkpoint=run.resume_path)
     if (code := run.stopped_exit_code()) is not None:  # a signal (75) or too many non-finite steps (3)
         writer.close()
         return code
-    if prepared.eval is not None:
+    if prepared.eval is not None and not evaluate.evaluated_at(sft.state, sft.state.global_step):
         sft.evaluate()
     wall = time.perf_counter() - t0
     sft.save_model(str(out))  # adapter_model.safetensors + adapter_config.json (gathers shards under ZeRO-3)
     if lay.is_main:
         tok.save_pretrained(out)
     summary = trainer.write_summary(out, cfg, lay, sft, prepared, wall, net.get_nb_trainable_parameters()[0],
-                                    extra=run.summary_extra(sft))
+                                    extra={**evals.summary(), **run.summary_extra(sft)})
     run.finish(summary)
     cli.log.info("done: %d steps, final loss %s, %s real tokens/s; adapter in %s", summary["steps"],
                  summary["final_loss"], summary["tokens_per_second"], out)

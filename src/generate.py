@@ -1,0 +1,251 @@
+"""Talk to a fine-tuned model: a run's 4-bit base plus its LoRA adapter, or a merged model folder; tokens stream.
+
+    python src/generate.py --run runs/quickstart                      # chat; /reset forgets, empty line or Ctrl-D quits
+    python src/generate.py --run runs/quickstart --prompt "Reverse the order of these words: lamp river stone"
+    python src/generate.py --run runs/quickstart --base-only --prompt "..."   # the same base without the adapter
+    python src/generate.py --run runs/quickstart/merged --prompt "..."        # a merged folder (src/merge.py)
+    python src/generate.py --run runs/try1/checkpoints/checkpoint-100 --prompt "..."   # a checkpoint's adapter
+
+--run takes a run folder (its final adapter, else its newest committed checkpoint), one checkpoint folder, or a plain
+Hugging Face model folder (a merged export). A run is rebuilt from its recipe.yaml exactly as it trained: the same
+base, quantized the same way, with the adapter on top. Prompts are rendered in the run's chat format (the Llama-2
+`[INST]` format or the tokenizer's chat template, whichever the run trained with). Decoding is greedy unless
+--temperature > 0. With --prompt the answer alone goes to stdout (logs go to stderr), so scripts can capture it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from lorafit import data, evaluate, layout, model, recipe
+from lorafit.errors import EXIT_USER_ERROR, UserError
+
+log = logging.getLogger("lorafit")
+
+
+def find_recipe(folder: Path) -> Path | None:
+    """recipe.yaml of a run folder, of the run a checkpoint or a merged export lives in (run/merged,
+    run/checkpoints/checkpoint-N), or none."""
+    for d in (folder, folder.parent, folder.parent.parent):
+        if (d / "recipe.yaml").is_file():
+            return d / "recipe.yaml"
+    return None
+
+
+def find_adapter(folder: Path) -> Path | None:
+    if (folder / "adapter_config.json").is_file():
+        return folder
+    from lorafit import checkpoint
+
+    ckpts = [p for _, p in checkpoint.committed(folder) if (p / "adapter_config.json").is_file()]
+    if ckpts:
+        log.info("%s has no final adapter (the run did not finish); using %s", folder, ckpts[-1])
+        return ckpts[-1]
+    return None
+
+
+def run_format(recipe_path: Path | None, cfg: recipe.Recipe) -> str:
+    """The data format the run trained with: summary.json records the detected one, the recipe may name it."""
+    if recipe_path is not None and (recipe_path.parent / "summary.json").is_file():
+        fmt = json.loads((recipe_path.parent / "summary.json").read_text()).get("data", {}).get("format")
+        if fmt:
+            return fmt
+    return cfg.data.format
+
+
+def load(run: Path, base_only: bool, device: str):
+    """(model, tokenizer, renderer) for --run."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not run.is_dir():
+        raise UserError(f"--run {run}: no such folder; give a run folder (output.dir), a checkpoint or a merged model")
+    recipe_path = find_recipe(run)
+    adapter = find_adapter(run)
+    cfg = recipe.load_recipe(str(recipe_path)) if recipe_path else recipe.Recipe()
+    if device != "auto":
+        cfg = recipe.set_value(cfg, "training.device", device)
+    if adapter is not None or (base_only and recipe_path is not None):
+        if recipe_path is None:
+            raise UserError(f"{run} has an adapter but no recipe.yaml next to it, so its base model is unknown")
+        lay = layout.decide(cfg, env={})  # one process, whatever launcher started this shell
+        source = model.materialize(cfg.model)  # a GGUF base is converted once, as in training
+        tok_dir = adapter if adapter and (adapter / "tokenizer_config.json").is_file() else recipe_path.parent
+        tok = (
+            AutoTokenizer.from_pretrained(tok_dir)
+            if (tok_dir / "tokenizer_config.json").is_file()
+            else model.load_tokenizer(cfg, source)
+        )
+        kw = {"device_map": lay.device_map} if lay.device_map is not None else {}
+        net = AutoModelForCausalLM.from_pretrained(
+            source,
+            quantization_config=model.quantization_config(cfg, lay),
+            dtype=getattr(torch, cfg.quantization.compute_dtype),
+            revision=cfg.model.revision,
+            trust_remote_code=cfg.model.trust_remote_code,
+            **kw,
+        )
+        if adapter is not None and not base_only:
+            from peft import PeftModel
+
+            net = PeftModel.from_pretrained(net, str(adapter))
+            log.info("loaded %s (4-bit: %s) with the adapter from %s", source, cfg.quantization.load_in_4bit, adapter)
+        else:
+            log.info("loaded the base %s alone (no adapter)", source)
+    elif (run / "config.json").is_file():
+        if base_only:
+            raise UserError(f"--base-only needs a run folder; {run} is a model folder")
+        tok = AutoTokenizer.from_pretrained(run)
+        want_gpu = device != "cpu" and torch.cuda.is_available()
+        net = AutoModelForCausalLM.from_pretrained(run, dtype="auto", device_map={"": 0} if want_gpu else None)
+        log.info("loaded the model folder %s", run)
+    else:
+        raise UserError(
+            f"--run {run} holds no adapter, no committed checkpoint and no config.json; give a run "
+            "folder, a checkpoint folder or a merged model folder"
+        )
+    net.eval()
+    renderer = data.make_renderer(tok, run_format(recipe_path, cfg), cfg.data)
+    return net, tok, renderer, cfg
+
+
+def prompt_ids(renderer, tok, history: list[tuple[str, str]], user: str, system: str | None) -> list[int]:
+    """The conversation so far plus the new user turn, rendered as the run trained (earlier answers included)."""
+    if not history:
+        return renderer.prompt_ids(user, system)
+    if isinstance(renderer, data.TemplateRenderer):  # the template renders the whole conversation at once
+        msgs = [{"role": "system", "content": system}] if system else []
+        for u, a in history:
+            msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        out = tok.apply_chat_template(
+            msgs + [{"role": "user", "content": user}], tokenize=True, add_generation_prompt=True
+        )
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+    # Llama-2: every turn is `<s>[INST] u [/INST] a </s>`, so the history's training encoding is a prefix.
+    return renderer.encode(data.Conversation(list(history), system)).input_ids + renderer.prompt_ids(user)
+
+
+def _streamer_class():
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        """TextStreamer without the answer's leading white space (Llama-2 answers start with a space token)."""
+
+        started = False
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            if not self.started:
+                text = text.lstrip()
+                self.started = bool(text)
+            super().on_finalized_text(text, stream_end)
+
+    return Streamer
+
+
+def answer(net, tok, ids: list[int], max_new_tokens: int, temperature: float, stream) -> str:
+    import torch
+    from transformers import GenerationConfig
+
+    stop = evaluate.eos_ids(net, tok)
+    cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        eos_token_id=stop,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stop[0],
+        use_cache=True,
+        **({"temperature": temperature} if temperature > 0 else {}),
+    )
+    device = next(net.parameters()).device
+    x = torch.tensor([ids], device=device)
+    streamer = _streamer_class()(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
+    with torch.no_grad():
+        out = net.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=cfg, streamer=streamer)
+    new = out[0, len(ids) :].tolist()
+    cut = next((i for i, t in enumerate(new) if t in stop), len(new))
+    return tok.decode(new[:cut], skip_special_tokens=True).strip()
+
+
+def chat(net, tok, renderer, args) -> None:
+    history: list[tuple[str, str]] = []
+    print("lorafit chat: empty line or Ctrl-D quits, /reset forgets the conversation", file=sys.stderr)
+    while True:
+        try:
+            user = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if not user:
+            return
+        if user == "/reset":
+            history.clear()
+            continue
+        print("model> ", end="", flush=True)
+        text = answer(
+            net,
+            tok,
+            prompt_ids(renderer, tok, history, user, args.system),
+            args.max_new_tokens,
+            args.temperature,
+            stream=True,
+        )
+        history.append((user, text))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder, checkpoint folder or merged model folder")
+    p.add_argument("--prompt", help="answer this one prompt and exit (the answer alone on stdout)")
+    p.add_argument("--system", default=None, help="system prompt (default: the recipe's data.system_prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--base-only", action="store_true", help="the run's base model without its adapter")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: CUDA when available")
+    args = p.parse_args(argv)
+    # stdout carries only answers; logs and library warnings go to stderr.
+    logging.basicConfig(
+        format="%(asctime)s lorafit: %(message)s", datefmt="%H:%M:%S", level=logging.INFO, stream=sys.stderr
+    )
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    for pattern in (".*kernels-community.*", ".*gguf.*", ".*MatMul8bitLt.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        if args.max_new_tokens <= 0:
+            raise UserError(f"--max-new-tokens {args.max_new_tokens}: give a positive number of tokens")
+        if args.temperature < 0:
+            raise UserError(f"--temperature {args.temperature}: give 0 (greedy) or a positive temperature")
+        net, tok, renderer, cfg = load(Path(args.run), args.base_only, args.device)
+        if args.system is None:
+            args.system = cfg.data.system_prompt
+        if args.prompt is not None:
+            if not args.prompt.strip():
+                raise UserError("--prompt is empty; give the text to answer")
+            answer(
+                net,
+                tok,
+                renderer.prompt_ids(args.prompt, args.system),
+                args.max_new_tokens,
+                args.temperature,
+                stream=True,
+            )
+        else:
+            chat(net, tok, renderer, args)
+    except UserError as e:
+        print(f"lorafit: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\nlorafit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
