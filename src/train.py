@@ -14,7 +14,7 @@ Data flows one way: recipe -> layout -> data/model -> trainer -> run dir. Each s
 import sys
 import time
 
-from lorafit import checkpoint, cli, evaluate, layout, model, recipe, tb, trainer
+from lorafit import checkpoint, cli, evaluate, layout, model, plan, recipe, tb, trainer
 from lorafit.dist import main_first, prepare_data
 
 
@@ -23,6 +23,9 @@ def train(args, holder) -> int:
     lay = layout.decide(cfg)
     if args.print_config:
         print(cfg.to_yaml() + "# " + lay.describe())
+        return 0
+    if args.plan:
+        print(plan.describe(cfg, plan.shape_of(cfg.model), plan.smallest_gpu_gib(), lay.world_size, lay.kind == "zero3"))
         return 0
     model.check_source(cfg.model)  # a missing model path fails here, before anything is written
     run_dir = cli.RunDir(cfg.output.dir)

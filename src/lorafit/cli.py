@@ -29,6 +29,9 @@ def parser(description: str) -> argparse.ArgumentParser:
                    help="override one recipe field, e.g. --set lora.r=16 (repeatable)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved recipe and the layout that would be used, then exit (loads no model)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the estimated peak GPU memory per process and the settings the memory planner would "
+                        "choose for the visible GPUs, then exit (reads only the model's config)")
     p.add_argument("--list-recipes", action="store_true", help="list the recipes in recipes/ and exit")
     p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
                    help="auto (default): continue from the newest verified checkpoint in output.dir, if any; none: "

@@ -502,7 +502,7 @@ def _encode_all(convs, renderer, cfg: DataConfig, stats: DataStats, count_train:
         ids, mask = enc.input_ids, enc.completion_mask
         if not cfg.completion_only:
             mask = [1] * len(ids)
-        if len(ids) > cfg.max_length and not cfg.packing:
+        if len(ids) > cfg.max_length:  # also when packing: TRL's bfd would cut it silently
             stats.truncated_rows += 1
             ids, mask = ids[: cfg.max_length], mask[: cfg.max_length]
             if not any(mask):

@@ -150,7 +150,10 @@ class TrainingConfig:
     max_grad_norm: float = f(0.3, "Gradient clipping norm (0 disables).")
     weight_decay: float = f(0.001, "Decoupled weight decay.")
     optimizer: str = f("paged_adamw_32bit", "A transformers optimizer name (paged_adamw_32bit, adamw_torch, ...).")
-    gradient_checkpointing: bool = f(True, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool | Literal["auto"] = f(
+        True, "Recompute activations in backward to save memory; auto = the memory planner (lorafit.plan, --plan) "
+        "turns it on only when the run would not fit in the GPU without it."
+    )
     device: Literal["auto", "cpu", "cuda"] = f("auto", "auto = CUDA when available, else CPU.")
     seed: int = f(42, "Seed of initialisation, dropout and data order.")
     eval_steps: int | None = f(None, "Evaluate every N steps (needs data.eval_fraction > 0; unset: only at the end).")

@@ -177,10 +177,18 @@ def flops_per_token(total_params: int, recompute: bool) -> float:
     return (6.0 if recompute else 4.0) * total_params
 
 
+def checkpointing_on(model) -> bool:
+    # transformers >= 5.18 renamed is_gradient_checkpointing (the GPU image has 5.17)
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if name in dir(type(model.get_base_model() if hasattr(model, "get_base_model") else model)):
+            return bool(getattr(model, name))
+    return False
+
+
 def build_trainer(cfg: Recipe, args: SFTConfig, model, tokenizer, prepared, callbacks) -> LorafitTrainer:
     total = model.get_nb_trainable_parameters()[1]
     return LorafitTrainer(
-        flops_per_token=flops_per_token(total, cfg.training.gradient_checkpointing),
+        flops_per_token=flops_per_token(total, checkpointing_on(model)),
         peak_flops=peak_flops(),
         token_metrics=cfg.logging.token_metrics,
         model=model,
