@@ -777,7 +777,7 @@ class StepGuard(TrainerCallback):
         self.consecutive = int(st.get("consecutive_nonfinite", 0))
         self.bad_local = None  # device tensor: a non-finite loss in this step's micro-batches on this rank
         self.grad_norm = None
-        self.step_bad = self.stop = self.due = self.poisoned = False
+        self.step_bad = self.step_skipped = self.stop = self.due = self.poisoned = False
 
     def state(self) -> dict:
         return {
@@ -802,17 +802,16 @@ class StepGuard(TrainerCallback):
         dev = args.device
         bad = torch.zeros((), dtype=torch.bool, device=dev) if self.bad_local is None else self.bad_local.to(dev)
         gn = self.grad_norm
+        if getattr(self.t.accelerator, "scaler", None) is not None:
+            # fp16 AMP: inf gradients with a finite loss are the GradScaler's business (it skips the step and lowers
+            # the scale; several in a row are normal while it calibrates); only a non-finite loss counts here.
+            gn = None
         if isinstance(gn, torch.Tensor):
             bad = bad | ~torch.isfinite(gn.detach().to(dev)).all()
         elif gn is not None and not math.isfinite(gn):
             bad = torch.ones((), dtype=torch.bool, device=dev)
-        flags = torch.stack(
-            [
-                bad.float(),
-                torch.tensor(float(self.s.signals.received is not None), device=dev),
-                torch.tensor(float(self.s.is_main and self.s.time_due()), device=dev),
-            ]
-        )
+        host = torch.tensor([float(self.s.signals.received is not None), float(self.s.is_main and self.s.time_due())])
+        flags = torch.cat([bad.float().reshape(1), host.to(dev)])  # [non-finite, stop, save due]
         d = _dist()
         if d is not None and d.get_world_size() > 1:
             d.all_reduce(flags, op=d.ReduceOp.MAX)  # collective, once per optimizer step: the same decision everywhere
