@@ -15,6 +15,7 @@ formatting code, so a cache entry is never stale and is written once, atomically
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
@@ -28,7 +29,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
-from lorafit.errors import EXIT_USER_ERROR, UserError
+from lorafit.errors import UserError
 
 log = logging.getLogger("lorafit")
 T = TypeVar("T")
@@ -37,6 +38,7 @@ T = TypeVar("T")
 # takes long; a main process that dies instead is noticed by the launcher, which stops the whole job.
 PREPARE_TIMEOUT = timedelta(hours=4)
 _wait_group = None
+_user_error_exit = False
 
 
 def _dist():
@@ -67,8 +69,33 @@ def _share_outcome(failure: tuple[str, str] | None) -> tuple[int, str, str] | No
 
 def _exit_as_user_error_on_sigterm() -> None:
     # Every rank now stops with the same user error. The launcher (torchrun) terminates the remaining ranks as soon
-    # as the first one exits; a rank caught by that SIGTERM on its way out must still report exit code 2.
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_USER_ERROR))
+    # as the first one exits; a rank caught by that SIGTERM on its way out would report -15 instead of 2. Ignoring it
+    # (SIG_IGN, unlike a Python handler, survives interpreter shutdown) lets each rank finish exiting with code 2; a
+    # rank stuck on the way out is still killed by the launcher's SIGKILL after its grace period.
+    global _user_error_exit
+    _user_error_exit = True
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _at_exit() -> None:
+    # Registered when lorafit.dist is imported, before any hook registered at run time, so it runs after them (atexit
+    # is last-in first-out): after lorafit.checkpoint has restored the signal handlers it installed.
+    if _user_error_exit:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _release_groups() -> None:
+    # Every rank is here together, just after the shared verdict and before anyone exits. Process groups still alive
+    # when a peer process has exited abort the process at shutdown ("terminate called without an active exception",
+    # SIGABRT: 3 runs in 6 on CPU); destroyed now, while all peers are alive, every rank exits with its own code.
+    global _wait_group
+    d = _dist()
+    if d is not None:
+        d.destroy_process_group()
+    _wait_group = None
+
+
+atexit.register(_at_exit)
 
 
 def _phase(fn: Callable[[], T], active: bool) -> T | None:
@@ -84,6 +111,7 @@ def _phase(fn: Callable[[], T], active: bool) -> T | None:
     if verdict is None:
         return result
     rank, kind, message = verdict
+    _release_groups()  # the run ends here on every rank: no collective follows
     if kind == "user":
         _exit_as_user_error_on_sigterm()
         raise UserError(message) from None
