@@ -17,6 +17,7 @@ from trl import SFTConfig, SFTTrainer
 
 from lorafit.checkpoint import CheckpointingMixin
 from lorafit.dist import memory_per_rank
+from lorafit.errors import UserError
 from lorafit.layout import Layout
 from lorafit.recipe import Recipe
 
@@ -29,6 +30,7 @@ def build_args(cfg: Recipe, layout: Layout, run_dir: str, has_eval: bool) -> SFT
     t = cfg.training
     on_gpu = layout.device != "cpu"
     eval_strategy = "steps" if (has_eval and t.eval_steps) else "no"
+    check_optimizer(t.optimizer)
     return SFTConfig(
         output_dir=run_dir,
         num_train_epochs=t.epochs,
@@ -69,6 +71,19 @@ def build_args(cfg: Recipe, layout: Layout, run_dir: str, has_eval: bool) -> SFT
         completion_only_loss=cfg.data.completion_only,
         dataset_num_proc=None,
     )
+
+
+def check_optimizer(name: str) -> None:
+    # Checked here rather than in recipe.py: the list lives in transformers, whose import costs seconds.
+    import difflib
+
+    from transformers.training_args import OptimizerNames
+
+    valid = sorted(o.value for o in OptimizerNames)
+    if name not in valid:
+        close = difflib.get_close_matches(name, valid, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "e.g. paged_adamw_32bit, adamw_torch"
+        raise UserError(f"training.optimizer={name!r} is not an optimizer transformers knows; {hint}")
 
 
 class CountingCollator:
