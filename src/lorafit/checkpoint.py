@@ -643,6 +643,9 @@ class RunSession:
         self.guard = StepGuard(self, trainer)
         trainer.add_callback(self.guard)
         if self.resume_path:
+            # eval_on_start is the base model's baseline at step 0, which the resumed run has already logged; at the
+            # resume step it would put a second eval/loss on a step the stopped run may have evaluated too.
+            trainer.args.eval_on_start = False
             compare(
                 Path(self.resume_path),
                 self.saved_state.get("model", {}),
