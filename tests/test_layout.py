@@ -163,6 +163,17 @@ REFUSALS = {
         "ZeRO-3 needs the packed 4-bit weights stored in the compute dtype (bfloat16), not "
         "uint8; leave quantization.quant_storage=auto, or use launch/zero2.yaml",
     ),
+    "deepspeed on accelerate's cpu path": (
+        dict(**DS, ACCELERATE_DEEPSPEED_ZERO_STAGE="2", ACCELERATE_USE_CPU="1"),
+        (),
+        "a DeepSpeed launch config cannot run on accelerate's CPU path (ACCELERATE_USE_CPU or training.device=cpu); "
+        "to try DeepSpeed on CPU, unset ACCELERATE_USE_CPU and set DS_ACCELERATOR=cpu",
+    ),
+    "deepspeed with training.device=cpu next to gpus": (
+        dict(**DS, ACCELERATE_DEEPSPEED_ZERO_STAGE="3"),
+        ("training.device=cpu",),
+        "a DeepSpeed launch config cannot run on accelerate's CPU path",
+    ),
     "more processes than GPUs": (
         dict(LOCAL_RANK="2", WORLD_SIZE="3"),
         (),

@@ -123,6 +123,7 @@ def _phase(fn: Callable[[], T], active: bool) -> T | None:
 def main_first(fn: Callable[[], T], is_local_main: bool) -> T:
     if _dist() is None:
         return fn()
+    _group()  # created now, while every rank is here: creating it is itself a collective on the default group
     first = _phase(fn, is_local_main)  # the local main processes fill the caches; the others wait
     later = _phase(fn, not is_local_main)  # the others read them
     return first if is_local_main else later

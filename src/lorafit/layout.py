@@ -164,6 +164,14 @@ def decide(
 
     ds = _deepspeed(env)
     stage = ds["stage"] if ds else None
+    if ds and (_truthy(env.get("ACCELERATE_USE_CPU")) or (t.device == "cpu" and cuda_available)):
+        # accelerate drops DeepSpeed on its CPU path and wraps the model in DDP, while transformers has prepared for
+        # DeepSpeed: ZeRO-2 silently becomes DDP, ZeRO-3 crashes (both reproduced on CPU).
+        raise UserError(
+            "a DeepSpeed launch config cannot run on accelerate's CPU path (ACCELERATE_USE_CPU or "
+            "training.device=cpu); to try DeepSpeed on CPU, unset ACCELERATE_USE_CPU and set DS_ACCELERATOR=cpu on a "
+            "machine without visible GPUs (docs/distributed.md)"
+        )
     if stage not in (None, 2, 3):
         raise UserError(
             f"DeepSpeed ZeRO stage {stage} is not a lorafit layout; use launch/zero2.yaml (optimizer "

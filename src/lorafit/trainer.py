@@ -202,7 +202,7 @@ def checkpointing_on(model) -> bool:
 
 def build_trainer(cfg: Recipe, args: SFTConfig, model, tokenizer, prepared, callbacks) -> LorafitTrainer:
     total = model.get_nb_trainable_parameters()[1]
-    return LorafitTrainer(
+    sft = LorafitTrainer(
         flops_per_token=flops_per_token(total, checkpointing_on(model)),
         peak_flops=peak_flops(),
         token_metrics=cfg.logging.token_metrics,
@@ -213,6 +213,12 @@ def build_trainer(cfg: Recipe, args: SFTConfig, model, tokenizer, prepared, call
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if (args.deepspeed_plugin is not None) != sft.is_deepspeed_enabled:
+        # transformers prepared the model for one engine and accelerate set up another (accelerate's CPU path drops
+        # DeepSpeed: ZeRO-2 would silently run as DDP). lorafit.layout refuses the known causes; anything else is a bug.
+        raise RuntimeError(f"the launch asked for DeepSpeed={args.deepspeed_plugin is not None} but accelerate set up "
+                           f"{sft.accelerator.distributed_type}")
+    return sft
 
 
 def write_summary(run_dir: Path, cfg: Recipe, layout: Layout, trainer: LorafitTrainer, prepared, wall: float,
