@@ -305,3 +305,39 @@ def test_tiny_run_writes_eval_metrics_samples_and_skill(tmp_path, tiny_llama_dir
     assert s["eval_loss_before"] == pytest.approx(losses[0])
     assert 0.0 <= s["skill_before"] <= 1.0 and 0.0 <= s["skill_after"] <= 1.0
     assert len(s["samples"]) == 2 and s["samples"][0]["step"] == 4
+
+
+def test_training_after_an_evaluation_still_gets_gradients(tiny_llama_dir):
+    """bitsandbytes repacks 4-bit weights for its CPU inference kernel on an eval-mode no-grad forward, and that
+    kernel has no autograd: lorafit.model turns the repacking off, so LoRA in the first layer still gets gradients
+    (through every later frozen 4-bit layer) after an evaluation or a generated sample."""
+    import torch
+
+    from lorafit import layout, model
+    from lorafit.recipe import load_recipe
+
+    cfg = load_recipe(
+        "llama2_guanaco",
+        [
+            f"model.name={tiny_llama_dir}",
+            "quantization.compute_dtype=float32",
+            "training.gradient_checkpointing=false",
+            "lora.dropout=0.0",
+        ],
+    )
+    lay = layout.decide(cfg, env={}, cuda_available=False)
+    tok = model.load_tokenizer(cfg, str(tiny_llama_dir))
+    net = model.load_model(cfg, lay, str(tiny_llama_dir), tok)
+    flags = [m.support_avx512bf16_for_cpu for m in net.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert flags and not any(flags)
+    ids = torch.tensor([tok("Is the sun a star? Yes, the sun is a star.")["input_ids"]])
+    net.eval()
+    with torch.no_grad():
+        net(input_ids=ids)  # what an evaluation does before training resumes
+    net.train()
+    for p in net.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.02)  # B = 0 at init would block the gradient of A; any non-zero adapter will do
+    net(input_ids=ids, labels=ids).loss.backward()
+    first = [p.grad for n, p in net.named_parameters() if "layers.0." in n and "lora_B" in n]
+    assert first and all(g is not None and g.abs().sum() > 0 for g in first)

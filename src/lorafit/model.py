@@ -180,6 +180,12 @@ def load_model(cfg: Recipe, layout: Layout, source: str, tokenizer):
                         "folder with --set model.name=PATH") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    for m in model.modules():
+        # bitsandbytes (0.50, nn/modules.py Linear4bit.forward) repacks a 4-bit weight for its AVX512-BF16 CPU kernel
+        # on the first forward in eval mode without grad (an evaluation, a generated sample) and keeps it packed; that
+        # kernel has no autograd, so every later training step gets no gradient through the frozen base weights.
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
     for prm in model.parameters():
         prm.requires_grad_(False)  # the base is frozen; LoRA adds the only trainable weights
     if cfg.quantization.load_in_4bit and cfg.quantization.compute_dtype == "float16":
