@@ -24,7 +24,8 @@ SETS=(--recipe llama2_guanaco --set "model.name=$M" --set "data.path=$GUANACO_1K
       --set training.max_steps=8 --set checkpoint.every_steps=4 --set checkpoint.every_minutes=0
       --set checkpoint.keep_last=0 --set logging.steps=1 --set logging.progress_bar=false)
 for kv in ${EXTRA_SETS:-}; do SETS+=(--set "$kv"); done
-LAUNCH=(python3 -m accelerate.commands.launch --config_file "launch/$LAYOUT.yaml" --num_processes 2)
+LAUNCH=(python3 -m accelerate.commands.launch --config_file "launch/$LAYOUT.yaml" --num_processes 2
+        ${LORAFIT_BENCH_PORT:+--main_process_port $LORAFIT_BENCH_PORT})
 
 t0=$(date +%s)
 LORAFIT_TEST_SIGNAL_AT=0:6 "${LAUNCH[@]}" src/train.py "${SETS[@]}" > "$OUT/ckpt_$LAYOUT.stop.log" 2>&1

@@ -23,7 +23,9 @@ def guanaco(*overrides: str):
     return load_recipe("llama2_guanaco", list(overrides))
 
 
-def gpu(cfg, env, gpus: int = 8, **kw) -> layout.Layout:
+def gpu(cfg, env, gpus: int | None = None, **kw) -> layout.Layout:
+    # one process sees one GPU (several would be refused: test_refusal_message); a distributed job sees 8 per machine
+    gpus = gpus if gpus is not None else (8 if int(env.get("WORLD_SIZE", "1")) > 1 else 1)
     return layout.decide(cfg, env=env, cuda_available=True, bf16_supported=True, gpu_count=gpus, **kw)
 
 
@@ -174,6 +176,12 @@ REFUSALS = {
         ("training.device=cpu",),
         "a DeepSpeed launch config cannot run on accelerate's CPU path",
     ),
+    "one process, several GPUs (HF would use nn.DataParallel)": (
+        {},
+        (),
+        "2 GPUs are visible to a single process; use them all with accelerate launch --config_file "
+        "launch/ddp.yaml (or zero2/zero3), or make one visible with CUDA_VISIBLE_DEVICES=0",
+    ),
     "more processes than GPUs": (
         dict(LOCAL_RANK="2", WORLD_SIZE="3"),
         (),
@@ -241,7 +249,9 @@ def launch_env(config: Path, num_processes: int | None = 2) -> dict:
     elif args.multi_gpu:
         env = prepare_multi_gpu_env(args)
     else:
-        env = {"ACCELERATE_MIXED_PRECISION": args.mixed_precision}
+        from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+        env = prepare_simple_launcher_cmd_env(args)[1]
     env["NPROC_PER_NODE"] = str(getattr(args, "nproc_per_node", 1))
     return env
 
@@ -281,8 +291,12 @@ def test_launch_config_gives_the_intended_layout(name, monkeypatch):
         lay = layout.decide(cfg, env={**env, **dist_env(world, 1, 1)}, cuda_available=False)
         assert lay.device == "cpu"
     else:
-        lay = gpu(cfg, {**env, **dist_env(world, 1 % world, 1 % world)}, gpus=2)
+        # on a 2-GPU machine; a config that names its GPUs makes accelerate narrow CUDA_VISIBLE_DEVICES
+        visible = len(env["CUDA_VISIBLE_DEVICES"].split(",")) if "CUDA_VISIBLE_DEVICES" in env else 2
+        lay = gpu(cfg, {**env, **dist_env(world, 1 % world, 1 % world)}, gpus=visible)
     assert (lay.kind, lay.zero_stage) == (kind, stage)
+    if name == "single_gpu.yaml":
+        assert env["CUDA_VISIBLE_DEVICES"] == "0"
 
 
 @pytest.mark.parametrize("name", ["ddp.yaml", "zero2.yaml", "zero3.yaml", "zero3_offload.yaml"])

@@ -225,6 +225,13 @@ def decide(
         device_map = {"": "cpu"} if on_cpu else {"": local}
         gc_kwargs = {"use_reentrant": False}
 
+    if not on_cpu and world == 1 and gpu_count > 1 and not ds:
+        # One process with several visible GPUs would make HF Trainer wrap the model in nn.DataParallel, which TRL
+        # refuses with a traceback (seen on a 4-GPU H100 box); a 4-bit model cannot be replicated that way anyway.
+        raise UserError(
+            f"{gpu_count} GPUs are visible to a single process; use them all with accelerate launch --config_file "
+            "launch/ddp.yaml (or zero2/zero3), or make one visible with CUDA_VISIBLE_DEVICES=0"
+        )
     gc = t.gradient_checkpointing
     if gc == "auto":  # the memory planner decides; shape and GPU size are looked up unless given (tests give them)
         from lorafit import plan
