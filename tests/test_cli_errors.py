@@ -98,3 +98,12 @@ def test_a_model_folder_without_config(tmp_path, guanaco_dir):
     (tmp_path / "empty-model").mkdir()
     r = run_cli(train_args(tmp_path / "empty-model", guanaco_dir, out))
     assert_user_error(r, out, "has no config.json")
+
+
+def test_unknown_optimizer_is_a_user_error(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(["--set", "training.optimizer=adamw_foo", "--set", f"output.dir={out}"])
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == ("lorafit: error: training.optimizer='adamw_foo' is not an optimizer transformers "
+                                "knows; did you mean adamw_torch, adamw_8bit, adalomo?")
+    assert not out.exists()
