@@ -109,6 +109,11 @@ def load(run: Path, base_only: bool, device: str):
             f"--run {run} holds no adapter, no committed checkpoint and no config.json; give a run "
             "folder, a checkpoint folder or a merged model folder"
         )
+    for m in net.modules():
+        # The kernels the training run's samples and skill check used (lorafit.model turns bitsandbytes' CPU repacking
+        # off), so greedy answers here equal the ones logged in TensorBoard for the same weights.
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
     net.eval()
     renderer = data.make_renderer(tok, run_format(recipe_path, cfg), cfg.data)
     return net, tok, renderer, cfg
