@@ -4,9 +4,10 @@ under each layout, and eval metrics / sample texts / the skill check in the even
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
-from conftest import read_scalars, read_summary, run_cli, tiny_overrides
+from conftest import REPO, read_scalars, read_summary, run_cli, tiny_overrides
 
 from lorafit import evaluate, tasks
 from lorafit.data import Conversation
@@ -341,3 +342,55 @@ def test_training_after_an_evaluation_still_gets_gradients(tiny_llama_dir):
     net(input_ids=ids, labels=ids).loss.backward()
     first = [p.grad for n, p in net.named_parameters() if "layers.0." in n and "lora_B" in n]
     assert first and all(g is not None and g.abs().sum() > 0 for g in first)
+
+
+@pytest.mark.distributed
+def test_samples_and_skill_under_ddp_and_zero3(tmp_path, tiny_llama_dir):
+    """2 CPU processes. DDP: rank 0 generates alone. ZeRO-3: every rank joins each forward (synced_gpus), else the
+    sharded weights' all-gathers would hang. Both finish, log the texts, and the base model's step-0 answer is the
+    same with whole and with sharded weights."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sets = [
+        "data.path=synthetic:reverse-words",
+        "data.format=llama2",
+        "data.eval_fraction=0.25",
+        "training.eval_steps=2",
+        "eval.max_new_tokens=6",
+        "eval.skill_max_new_tokens=6",
+        "eval.batch_size=3",
+    ]
+    step0 = {}
+    for kind, env in (("ddp", {"ACCELERATE_USE_CPU": "1"}), ("zero3", {"DS_ACCELERATOR": "cpu"})):
+        out = tmp_path / kind
+        launcher = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "launch" / f"{kind}.yaml"),
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+        ]
+        r = run_cli(
+            [
+                "--recipe",
+                "llama2_guanaco",
+                *tiny_overrides(tiny_llama_dir, tiny_llama_dir, out, steps=4),
+                *[a for s in sets for a in ("--set", s)],
+            ],
+            env=env,
+            launcher=launcher,
+            timeout=900,
+        )
+        assert r.returncode == 0, f"{kind}:\n" + r.stdout[-3000:] + r.stderr[-3000:]
+        assert [s for s, _ in read_scalars(out / "tb")["eval/skill_exact_match"]] == [0, 4]
+        acc = EventAccumulator(str(out / "tb"), size_guidance={"tensors": 0})
+        acc.Reload()
+        events = acc.Tensors("eval/sample_0/text_summary")
+        assert [e.step for e in events] == [0, 2, 4]
+        step0[kind] = events[0].tensor_proto.string_val[0].decode()
+        assert "skill_after" in read_summary(out)
+    assert step0["ddp"] == step0["zero3"]
