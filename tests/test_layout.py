@@ -314,3 +314,15 @@ def test_zero3_configs_gather_16bit_weights_on_save_and_init_sharded():
     env = launch_env(LAUNCH / "zero3_offload.yaml")
     assert env["ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"] == env["ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"]
     assert env["ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"] == "cpu"
+
+
+def test_one_cpu_process_uses_the_machine_cores_despite_accelerates_omp_1():
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    cfg = guanaco("quantization.compute_dtype=float32")
+    assert layout.decide(cfg, env={"OMP_NUM_THREADS": "1"}, cuda_available=False).cpu_threads == cores
+    assert layout.decide(cfg, env={}, cuda_available=False).cpu_threads == cores
+    assert layout.decide(cfg, env={"OMP_NUM_THREADS": "3"}, cuda_available=False).cpu_threads is None  # user's
+    two = layout.decide(cfg, env={**dist_env(2, 0, 0), "OMP_NUM_THREADS": "1"}, cuda_available=False)
+    assert two.cpu_threads is None  # several processes share the cores

@@ -164,6 +164,8 @@ def load_model(cfg: Recipe, layout: Layout, source: str, tokenizer):
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, cfg.quantization.compute_dtype)
+    if layout.cpu_threads:
+        torch.set_num_threads(layout.cpu_threads)
     kwargs = dict(
         quantization_config=quantization_config(cfg, layout),
         dtype=dtype,
