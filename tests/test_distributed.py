@@ -234,10 +234,12 @@ try:
     else:
         out = dist.main_first(prepare, is_local_main=rank == 0)
 except UserError as e:
-    print(f"rank {rank}: user error: {e}", flush=True)
+    sys.stdout.write(f"rank {rank}: user error: {e}\\n")  # one write: print() writes the newline separately, and two
+    sys.stdout.flush()  # ranks sharing the pipe could interleave their lines
     sys.exit(2)
 d.barrier()  # the default group is still usable afterwards
-print(f"rank {rank}: {out}", flush=True)
+sys.stdout.write(f"rank {rank}: {out}\\n")
+sys.stdout.flush()
 """
 
 
