@@ -100,7 +100,7 @@ def main(run: Callable[[argparse.Namespace, RunDir | None], int], argv: list[str
         for rd in holder:
             rd.discard_if_created()
         if is_main_process() or os.environ.get("LORAFIT_ALL_RANKS_ERRORS"):
-            print(f"lorafit: error: {e}", file=sys.stderr)
+            sys.stderr.write(f"lorafit: error: {e}\n")  # one write: other ranks may share the stream
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("lorafit: interrupted", file=sys.stderr)
