@@ -52,7 +52,7 @@ def train(args, holder) -> int:
     writer = tb.RankZeroWriter(str(out / "tb") if cfg.logging.tensorboard else None, lay.is_main, run.purge_step)
     evals = evaluate.EvalCallback(cfg, lay, prepared.renderer, tok, prepared.eval_conversations, writer)
     callbacks = [tb.TensorBoardLogger(writer, cfg.to_yaml()), evals]
-    sft = trainer.build_trainer(cfg, args_hf, net, tok, prepared, callbacks)
+    sft = trainer.build_trainer(cfg, lay, args_hf, net, tok, prepared, callbacks)
     run.attach(sft)  # refuses a checkpoint saved for another model or LoRA shape
     t0 = time.perf_counter()
     sft.train(resume_from_checkpoint=run.resume_path)

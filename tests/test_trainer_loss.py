@@ -14,7 +14,7 @@ def test_lean_loss_equals_trl_loss(tmp_path, tiny_llama_dir, guanaco_dir):
     tok = model.load_tokenizer(cfg, str(tiny_llama_dir))
     prepared = data.prepare(cfg.data, tok)
     net = model.load_model(cfg, lay, str(tiny_llama_dir), tok)
-    sft = trainer.build_trainer(cfg, args, net, tok, prepared, [])
+    sft = trainer.build_trainer(cfg, lay, args, net, tok, prepared, [])
     batch = next(iter(sft.get_train_dataloader()))
     batch.pop(trainer.REAL_TOKENS_KEY)
     net.train()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -192,18 +193,11 @@ def flops_per_token(total_params: int, recompute: bool) -> float:
     return (6.0 if recompute else 4.0) * total_params
 
 
-def checkpointing_on(model) -> bool:
-    # transformers >= 5.18 renamed is_gradient_checkpointing (the GPU image has 5.17)
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if name in dir(type(model.get_base_model() if hasattr(model, "get_base_model") else model)):
-            return bool(getattr(model, name))
-    return False
-
-
-def build_trainer(cfg: Recipe, args: SFTConfig, model, tokenizer, prepared, callbacks) -> LorafitTrainer:
+def build_trainer(cfg: Recipe, layout: Layout, args: SFTConfig, model, tokenizer, prepared,
+                  callbacks) -> LorafitTrainer:
     total = model.get_nb_trainable_parameters()[1]
     sft = LorafitTrainer(
-        flops_per_token=flops_per_token(total, checkpointing_on(model)),
+        flops_per_token=flops_per_token(total, layout.gradient_checkpointing),
         peak_flops=peak_flops(),
         token_metrics=cfg.logging.token_metrics,
         model=model,
@@ -236,9 +230,9 @@ def write_summary(run_dir: Path, cfg: Recipe, layout: Layout, trainer: LorafitTr
         "first_losses": losses[:10],
         "tokens_seen": tokens,
         "tokens_per_second": round(tokens / wall, 2) if wall > 0 else None,
-        # what one optimizer step sees, all ranks together (with packing a "row" is a packed sequence)
+        # what one optimizer step sees, all ranks together (with packing a "row" is a packed sequence):
+        # tokens_per_step tokens in effective_batch rows
         "tokens_per_step": round(tokens / max(trainer.state.global_step, 1), 1),
-        "rows_per_step": layout.effective_batch,
         "wall_time_s": round(wall, 2),
         "layout": layout.kind,
         "world_size": layout.world_size,
@@ -246,17 +240,14 @@ def write_summary(run_dir: Path, cfg: Recipe, layout: Layout, trainer: LorafitTr
         "trainable_parameters": trainable,
         "data": {k: v for k, v in vars(prepared.stats).items() if k != "skipped_examples"},
     }
-    import torch
-
-    if torch.cuda.is_available():
-        summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)  # this rank's
     summary.update(memory_per_rank(trainer.model))  # collective: every rank's peak and parameter bytes, by rank
+    if "peak_gpu_memory_gib_per_rank" in summary:
+        summary["peak_gpu_memory_gib"] = summary["peak_gpu_memory_gib_per_rank"][layout.rank]  # this rank's
     steady = [h for h in hist if "tokens_per_second" in h][2:]  # the first logs include warm-up and compilation
-    if steady:
-        summary["steady_tokens_per_second"] = sorted(h["tokens_per_second"] for h in steady)[len(steady) // 2]
-        summary["steady_step_time_s"] = sorted(h["step_time"] for h in steady)[len(steady) // 2]
-        if all("mfu" in h for h in steady):
-            summary["steady_mfu"] = sorted(h["mfu"] for h in steady)[len(steady) // 2]
+    for key, name in (("tokens_per_second", "steady_tokens_per_second"), ("step_time", "steady_step_time_s"),
+                      ("mfu", "steady_mfu")):
+        if steady and all(key in h for h in steady):
+            summary[name] = statistics.median_high(h[key] for h in steady)
     if evals:
         summary["eval_loss_final"] = evals[-1]
         summary["eval_loss_best"] = min(evals)
