@@ -112,6 +112,11 @@ def tiny_overrides(model_dir: Path, data_dir: Path, out_dir: Path, steps: int = 
             f"training.max_steps={steps}", "training.per_device_batch_size=2", "data.max_length=128",
             "data.max_rows=32", "quantization.compute_dtype=float32", "training.optimizer=adamw_torch",
             "lora.r=8", "logging.steps=1", "logging.progress_bar=false"]
+    return set_args(sets)
+
+
+def set_args(sets: list[str]) -> list[str]:
+    """["k=v", ...] -> ["--set", "k=v", ...], as the CLI takes them."""
     return [a for s in sets for a in ("--set", s)]
 
 

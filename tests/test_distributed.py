@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, read_scalars, read_summary, run_cli, tiny_overrides
+from conftest import REPO, read_scalars, read_summary, run_cli, set_args, tiny_overrides
 
 distributed = pytest.mark.distributed
 LAUNCH = REPO / "launch"
@@ -59,7 +59,7 @@ def parity_overrides(model_dir: Path, data_dir: Path, out: Path, per_device: int
         "data.max_length=64",
         f"training.per_device_batch_size={per_device}",
     ]
-    return tiny_overrides(model_dir, data_dir, out, steps=STEPS) + [a for s in sets for a in ("--set", s)]
+    return tiny_overrides(model_dir, data_dir, out, steps=STEPS) + set_args(sets)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import dataclasses
 import sys
 
 import pytest
-from conftest import REPO, read_scalars, read_summary, run_cli, tiny_overrides
+from conftest import REPO, read_scalars, read_summary, run_cli, set_args, tiny_overrides
 
 from lorafit import evaluate, tasks
 from lorafit.data import Conversation
@@ -284,7 +284,7 @@ def test_tiny_run_writes_eval_metrics_samples_and_skill(tmp_path, tiny_llama_dir
             "--recipe",
             "llama2_guanaco",
             *tiny_overrides(tiny_llama_dir, tokenizer_dir, out, steps=4),
-            *[a for s in sets for a in ("--set", s)],
+            *set_args(sets),
         ]
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -379,7 +379,7 @@ def test_samples_and_skill_under_ddp_and_zero3(tmp_path, tiny_llama_dir):
                 "--recipe",
                 "llama2_guanaco",
                 *tiny_overrides(tiny_llama_dir, tiny_llama_dir, out, steps=4),
-                *[a for s in sets for a in ("--set", s)],
+                *set_args(sets),
             ],
             env=env,
             launcher=launcher,

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, read_summary, run_cli, tiny_overrides
+from conftest import REPO, read_summary, run_cli, set_args, tiny_overrides
 
 from lorafit import data, evaluate
 from lorafit.recipe import DataConfig
@@ -109,7 +109,7 @@ def test_adapter_run_answers_like_the_model_did_at_its_last_eval(tmp_path, tiny_
             "--recipe",
             "llama2_guanaco",
             *tiny_overrides(tiny_llama_dir, tokenizer_dir, out, steps=4),
-            *[a for s in sets for a in ("--set", s)],
+            *set_args(sets),
         ]
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

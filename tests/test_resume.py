@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, read_scalars, read_summary, run_cli, tiny_overrides
+from conftest import REPO, read_scalars, read_summary, run_cli, set_args, tiny_overrides
 
 from lorafit import checkpoint as ck
 
@@ -31,7 +31,7 @@ def sets(model_dir, data_dir, out, *extra) -> list[str]:
     # lr 1e-2 (not the recipe's 2e-4) so that six steps move the adapter well beyond float32 rounding: a resume that
     # restored anything wrongly could not end on the same bits by chance.
     more = ["training.learning_rate=0.01", "checkpoint.every_steps=2", "checkpoint.every_minutes=0", *extra]
-    return tiny_overrides(model_dir, data_dir, out, steps=STEPS) + [a for s in more for a in ("--set", s)]
+    return tiny_overrides(model_dir, data_dir, out, steps=STEPS) + set_args(more)
 
 
 def train(model_dir, data_dir, out, *extra, env=None, launcher=None, resume=None) -> subprocess.CompletedProcess:
