@@ -95,7 +95,13 @@ def main(run: Callable[[argparse.Namespace, RunDir | None], int], argv: list[str
 
             print("\n".join(available_recipes()))
             return 0
-        return run(args, holder)
+        code = run(args, holder)
+        # Process groups still alive when a peer has exited abort the process at shutdown (SIGABRT, seen after a
+        # successful 2-process run in CI); the user-error path releases them in lorafit.dist, this is the normal one.
+        from lorafit.dist import release_groups
+
+        release_groups()
+        return code
     except UserError as e:
         for rd in holder:
             rd.discard_if_created()

@@ -84,7 +84,7 @@ def _at_exit() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _release_groups() -> None:
+def release_groups() -> None:
     # Every rank is here together, just after the shared verdict and before anyone exits. Process groups still alive
     # when a peer process has exited abort the process at shutdown ("terminate called without an active exception",
     # SIGABRT: 3 runs in 6 on CPU); destroyed now, while all peers are alive, every rank exits with its own code.
@@ -111,7 +111,7 @@ def _phase(fn: Callable[[], T], active: bool) -> T | None:
     if verdict is None:
         return result
     rank, kind, message = verdict
-    _release_groups()  # the run ends here on every rank: no collective follows
+    release_groups()  # the run ends here on every rank: no collective follows
     if kind == "user":
         _exit_as_user_error_on_sigterm()
         raise UserError(message) from None
