@@ -263,3 +263,37 @@ def test_status_round_trip(tmp_path):
     st = ck.read_status(tmp_path)
     assert (st["state"], st["step"], st["exit_code"], st["pid"]) == ("stopped_to_resume", 3, 75, os.getpid())
     assert ck.read_status(tmp_path / "nowhere") == {}
+
+
+def test_restored_paged_optimizer_state_loses_its_stale_paged_flag(tmp_path):
+    """The DDP resume failure seen on 2 H100s, reduced to its cause: torch.save keeps a paged state tensor's
+    `is_paged`/`page_deviceid` attributes and torch.load restores them on ordinary memory, which bitsandbytes then
+    tries to prefetch as managed memory. After repage_optimizer_state no restored tensor claims to be paged (on CPU
+    there is no paging: the flag goes; tests/test_gpu.py checks the CUDA side, where it is re-paged)."""
+    torch = pytest.importorskip("torch")
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def fresh():
+        p = torch.nn.Parameter(torch.zeros(400, 300))  # 120,000 elements: over bitsandbytes' 1e5 paging threshold
+        return p, bnb.optim.PagedAdamW32bit([p], lr=1e-3)
+
+    p, opt = fresh()
+    p.grad = torch.ones_like(p)
+    opt.step()
+    state = opt.state[p]
+    for k in ("state1", "state2"):  # what a CUDA run's state looks like when it is saved
+        state[k].is_paged, state[k].page_deviceid = True, 1
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    saved = {k: state[k].clone() for k in ("state1", "state2")}
+
+    p2, opt2 = fresh()
+    opt2.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    restored = opt2.state[p2]
+    assert getattr(restored["state1"], "is_paged", False)  # the cause: the flag survives the round trip
+    assert ck.repage_optimizer_state(opt2) == 0  # nothing re-paged on CPU ...
+    for k in ("state1", "state2"):
+        assert not getattr(restored[k], "is_paged", False)  # ... but no stale flag left
+        assert torch.equal(restored[k], saved[k])
+    p2.grad = torch.ones_like(p2)
+    opt2.step()  # and the restored optimizer steps
+    assert ck.repage_optimizer_state(torch.optim.AdamW([p2])) == 0  # not a paged optimizer: untouched

@@ -34,3 +34,36 @@ def test_layout_places_4bit_model_on_local_gpu(tiny_llama_dir):
     linears = [m for m in net.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert linears and all(m.weight.device.type == "cuda" for m in linears)
     assert all(m.weight.quant_state.dtype == torch.bfloat16 for m in linears)
+
+
+def test_restored_paged_optimizer_state_is_paged_again_on_the_last_gpu(tmp_path):
+    """The DDP resume failure (bitsandbytes 'Error invalid argument ... pythonInterface.cpp' on rank 1): state saved
+    from GPU 0's paged buffers, restored onto another GPU as HF does under DDP. repage_optimizer_state must give
+    every large state tensor a fresh paged buffer for its parameter's device, with the same values, and the
+    optimizer must step afterwards."""
+    import bitsandbytes as bnb
+
+    from lorafit import checkpoint as ck
+
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+
+    def fresh(device):
+        p = torch.nn.Parameter(torch.zeros(400, 300, device=device))  # over bitsandbytes' 1e5 paging threshold
+        return p, bnb.optim.PagedAdamW32bit([p], lr=1e-3)
+
+    p, opt = fresh("cuda:0")
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.state[p]["state1"].is_paged and opt.state[p]["state1"].page_deviceid == 0
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    p2, opt2 = fresh(dev)
+    opt2.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True, map_location=dev))
+    assert ck.repage_optimizer_state(opt2) == 2  # state1 and state2
+    for k in ("state1", "state2"):
+        t = opt2.state[p2][k]
+        assert t.is_paged and t.page_deviceid == dev.index
+        assert torch.equal(t, opt.state[p][k].cpu())
+    p2.grad = torch.ones_like(p2)
+    opt2.step()
+    torch.cuda.synchronize()
+    assert torch.isfinite(p2).all() and not torch.equal(p2.detach().cpu(), torch.zeros(400, 300))

@@ -909,6 +909,11 @@ class CheckpointingMixin:
             if n in before and p.dtype != before[n]:
                 p.data = p.data.to(before[n])
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.optimizer is not None:
+            repage_optimizer_state(self.optimizer)
+
     def _maybe_log_save_evaluate(self, tr_loss, *a, **kw):
         super()._maybe_log_save_evaluate(tr_loss, *a, **kw)
         if self._lorafit is not None and self._globalstep_last_logged == self.state.global_step:
@@ -929,3 +934,41 @@ class CheckpointingMixin:
         if self._lorafit is not None and "loss" in logs:
             logs["skipped_steps"] = self._lorafit.guard.skipped
         return super().log(logs, *a, **kw)
+
+
+def repage_optimizer_state(optimizer) -> int:
+    """Give a restored bitsandbytes paged optimizer real paged state again; returns how many tensors were re-paged.
+
+    Why this exists: a paged optimizer's state lives in CUDA managed memory and carries the Python attributes
+    `is_paged` and `page_deviceid`. torch.save pickles those attributes and torch.load restores them on whatever
+    tensor it builds: HF loads optimizer.pt onto each rank's GPU under DDP (onto the CPU with one process), so the
+    restored state is ordinary memory still flagged as paged, with the device id of the rank that saved it. The next
+    step asks CUDA to prefetch it to that device, and on rank 1 of 2 H100s bitsandbytes stopped with "Error invalid
+    argument at line 578 in file /src/csrc/pythonInterface.cpp" (bitsandbytes issues #782 and #1708; not fixed in
+    0.50.2). Here each such tensor is copied into a fresh paged buffer on its parameter's device, exactly what the
+    optimizer would have allocated itself; where paging is unavailable (CPU parameters: bitsandbytes falls back to
+    unpaged there) the stale flag is dropped instead."""
+    import torch
+
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+    if not getattr(opt, "is_paged", False):
+        return 0
+    repaged = 0
+    for param, state in opt.state.items():
+        if not isinstance(param, torch.Tensor):
+            continue
+        for key, value in list(state.items()):
+            if not isinstance(value, torch.Tensor) or not getattr(value, "is_paged", False):
+                continue
+            if param.device.type == "cuda":
+                from bitsandbytes import functional as bnbF
+
+                buf = bnbF.get_paged(*value.shape, dtype=value.dtype, device=param.device)
+                buf.copy_(value)  # host-device copy, once per state tensor at resume
+                opt.page_mng.paged_tensors.append(buf)
+                state[key] = buf
+                repaged += 1
+            else:
+                del value.is_paged
+                value.__dict__.pop("page_deviceid", None)
+    return repaged
