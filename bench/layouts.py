@@ -101,6 +101,7 @@ def run_layout(a, layout: str, n: int, out: Path) -> dict:
                 "effective_batch": s["effective_batch"],
                 "real_tokens_per_s": tps,
                 "real_tokens_per_s_per_gpu": round(tps / world, 1) if tps else None,
+                "real_tokens_per_s_mean": s.get("steady_tokens_per_second_mean"),
                 "s_per_step": s.get("steady_step_time_s"),
                 "peak_gpu_memory_gib_per_rank": s.get("peak_gpu_memory_gib_per_rank"),
                 "param_gib_per_rank": [round(b / 2**30, 3) for b in s.get("param_bytes_per_rank", [])],
@@ -167,24 +168,25 @@ def table(folder: Path) -> str:
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*gpu.json"))]
     base = next((r for r in runs if r["name"] == "single-1gpu" and r["rc"] == 0), None)
     rows = [
-        "| layout | GPUs | real tokens/s per GPU | total | scaling vs 1 GPU | s/step | peak GiB per GPU | "
-        "params GiB per GPU |",
-        "|---|---|---|---|---|---|---|---|",
+        "| layout | GPUs | real tokens/s per GPU | total | total, time-weighted mean | scaling vs 1 GPU | s/step | "
+        "peak GiB per GPU | params GiB per GPU |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(runs, key=lambda r: (list(LAYOUTS).index(r["layout"]), r["gpus"])):
         if r["rc"] != 0 or "error" in r:
-            rows.append(f"| {r['layout']} | {r['gpus']} | failed (rc {r['rc']}) {r.get('error', '')} | | | | | |")
+            rows.append(f"| {r['layout']} | {r['gpus']} | failed (rc {r['rc']}) {r.get('error', '')} | | | | | | |")
             continue
         scale = (
             f"{r['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}x"
             if base and base.get("real_tokens_per_s") and r.get("real_tokens_per_s")
             else "-"
         )
+        mean = f"{r['real_tokens_per_s_mean']:,.0f}" if r.get("real_tokens_per_s_mean") else "-"
         peak = "/".join(f"{x:.1f}" for x in r.get("peak_gpu_memory_gib_per_rank") or [])
         params = "/".join(f"{x:.2f}" for x in r.get("param_gib_per_rank") or [])
         rows.append(
             f"| {r['layout']} | {r['gpus']} | {r['real_tokens_per_s_per_gpu']:,.0f} | "
-            f"{r['real_tokens_per_s']:,.0f} | {scale} | {r['s_per_step']:.3f} | {peak} | {params} |"
+            f"{r['real_tokens_per_s']:,.0f} | {mean} | {scale} | {r['s_per_step']:.3f} | {peak} | {params} |"
         )
     return "\n".join(rows)
 

@@ -25,3 +25,47 @@ def test_lean_loss_equals_trl_loss(tmp_path, tiny_llama_dir, guanaco_dir):
     # Same fused LM head and the same reduction: identical up to float32 summation order (exact on CPU in practice).
     assert torch.allclose(lean, trl, rtol=1e-6, atol=1e-6), (lean.item(), trl.item())
     assert "entropy" in sft._metrics["train"]  # the TRL path did log its metrics; the lean one did not before it
+
+
+def test_steady_figures_skip_warm_up_and_weight_the_mean_by_time():
+    hist = [
+        {"loss": 9.0},  # not a timed log
+        {"tokens_per_second": 10.0, "step_time": 9.0},  # warm-up: skipped
+        {"tokens_per_second": 20.0, "step_time": 5.0},  # compilation: skipped
+        {"tokens_per_second": 1000.0, "step_time": 1.0, "mfu": 0.5},
+        {"tokens_per_second": 3000.0, "step_time": 2.0, "mfu": 0.7},
+        {"tokens_per_second": 2000.0, "step_time": 1.0, "mfu": 0.6},
+    ]
+    got = trainer.steady_figures(hist)
+    assert got["steady_tokens_per_second"] == 2000.0  # median of 1000, 3000, 2000
+    assert got["steady_step_time_s"] == 1.0
+    assert got["steady_mfu"] == 0.6
+    # tokens 1000*1 + 3000*2 + 2000*1 = 9000 over 4 s
+    assert got["steady_tokens_per_second_mean"] == 2250.0
+    assert trainer.steady_figures(hist[:3]) == {}  # nothing after the warm-up
+
+
+def test_padding_free_batches_give_the_padded_batches_loss(tmp_path, tiny_llama_dir, guanaco_dir):
+    """data.padding_free concatenates a micro-batch's rows into one sequence (position ids restart per row, no
+    attention across rows): the same rows and answer tokens as the padded batch, so the same loss. Float32 on CPU:
+    only the summation order differs (the attention mask is block-diagonal instead of a padding mask)."""
+    sets = [v for v in tiny_overrides(tiny_llama_dir, guanaco_dir, tmp_path / "run") if v != "--set"]
+    losses, shapes = {}, {}
+    for pf in (False, True):
+        cfg = recipe.load_recipe("llama2_guanaco", sets + ["lora.dropout=0.0", f"data.padding_free={pf}"])
+        lay = layout.decide(cfg, env={}, cuda_available=False)
+        args = trainer.build_args(cfg, lay, str(tmp_path / f"run{pf}"), has_eval=False)
+        tok = model.load_tokenizer(cfg, str(tiny_llama_dir))
+        prepared = data.prepare(cfg.data, tok)
+        net = model.load_model(cfg, lay, str(tiny_llama_dir), tok)
+        sft = trainer.build_trainer(cfg, lay, args, net, tok, prepared, [])
+        batch = next(iter(sft.get_train_dataloader()))
+        real = batch.pop(trainer.REAL_TOKENS_KEY)
+        shapes[pf] = (tuple(batch["input_ids"].shape), real)
+        net.train()
+        with torch.no_grad():
+            losses[pf] = sft.compute_loss(net, dict(batch)).item()
+    (padded_shape, real), (flat_shape, real_flat) = shapes[False], shapes[True]
+    assert real == real_flat and padded_shape[0] == 2  # the same two rows ...
+    assert flat_shape == (1, real)  # ... as one sequence of exactly their tokens, no pad
+    assert abs(losses[True] - losses[False]) <= 1e-5 * abs(losses[False]), losses

@@ -126,6 +126,10 @@ class DataConfig:
     eval_max_rows: int | None = f(None, "Cap on held-out rows (unset: no cap).")
     bad_rows: Literal["fail", "skip"] = f("fail", "A malformed row stops the run (fail) or is skipped and counted.")
     packing: bool = f(False, "Pack several rows into one sequence (no attention across rows).")
+    padding_free: bool = f(
+        False, "Concatenate each micro-batch's rows into one sequence instead of padding them (no attention across "
+        "rows): the same rows per step as padded batches, without the pad compute. Packing implies it."
+    )
     max_rows: int | None = f(None, "Read at most this many rows (unset: all).")
     synthetic_rows: int = f(2000, "Rows generated for 'synthetic:<task>' data.")
     seed: int = f(42, "Seed of the eval split and of synthetic data.")
@@ -160,6 +164,10 @@ class TrainingConfig:
     dataloader_num_workers: int = f(0, "Worker processes feeding batches.")
     liger_kernels: bool = f(False, "Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, linear+cross-entropy); GPU.")
     torch_compile: bool = f(False, "torch.compile the model's forward (GPU; pays off on long runs).")
+    activation_offloading: bool = f(
+        False, "Keep the activations saved for backward in CPU memory, copied on side streams (TRL's); with "
+        "gradient checkpointing only each layer's input goes. Trades PCIe traffic for GPU memory; GPU only."
+    )
 
     def __post_init__(self):
         _check(self.epochs > 0, "training.epochs", self.epochs, "must be positive")

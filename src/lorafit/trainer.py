@@ -66,7 +66,11 @@ def build_args(cfg: Recipe, layout: Layout, run_dir: str, has_eval: bool) -> SFT
         dataloader_num_workers=t.dataloader_num_workers,
         use_liger_kernel=t.liger_kernels and on_gpu,
         torch_compile=t.torch_compile and on_gpu,
-        max_length=cfg.data.max_length,
+        # lorafit.data truncates rows to max_length itself (and counts them); TRL refuses a max_length it cannot
+        # enforce, which is the case with padding-free batches that are not packed
+        max_length=None if (cfg.data.padding_free and not cfg.data.packing) else cfg.data.max_length,
+        padding_free=cfg.data.padding_free,
+        activation_offloading=t.activation_offloading and on_gpu,
         packing=cfg.data.packing,
         packing_strategy="bfd",  # best-fit packing with position ids per row: no attention across row boundaries
         completion_only_loss=cfg.data.completion_only,
@@ -243,11 +247,7 @@ def write_summary(run_dir: Path, cfg: Recipe, layout: Layout, trainer: LorafitTr
     summary.update(memory_per_rank(trainer.model))  # collective: every rank's peak and parameter bytes, by rank
     if "peak_gpu_memory_gib_per_rank" in summary:
         summary["peak_gpu_memory_gib"] = summary["peak_gpu_memory_gib_per_rank"][layout.rank]  # this rank's
-    steady = [h for h in hist if "tokens_per_second" in h][2:]  # the first logs include warm-up and compilation
-    for key, name in (("tokens_per_second", "steady_tokens_per_second"), ("step_time", "steady_step_time_s"),
-                      ("mfu", "steady_mfu")):
-        if steady and all(key in h for h in steady):
-            summary[name] = statistics.median_high(h[key] for h in steady)
+    summary.update(steady_figures(hist))
     if evals:
         summary["eval_loss_final"] = evals[-1]
         summary["eval_loss_best"] = min(evals)
@@ -256,3 +256,19 @@ def write_summary(run_dir: Path, cfg: Recipe, layout: Layout, trainer: LorafitTr
     if layout.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def steady_figures(hist: list[dict]) -> dict:
+    """Steady-state rates from the trainer's log history, skipping the first two timed logs (warm-up, compilation):
+    the median of each logged rate, and the time-weighted mean tokens/s (all their tokens over all their time), which
+    is steadier than a median of rates where the per-step rate swings with the rows drawn (padded batches)."""
+    steady = [h for h in hist if "tokens_per_second" in h][2:]
+    out = {}
+    for key, name in (("tokens_per_second", "steady_tokens_per_second"), ("step_time", "steady_step_time_s"),
+                      ("mfu", "steady_mfu")):
+        if steady and all(key in h for h in steady):
+            out[name] = statistics.median_high(h[key] for h in steady)
+    if steady and all("step_time" in h for h in steady):
+        out["steady_tokens_per_second_mean"] = round(
+            sum(h["tokens_per_second"] * h["step_time"] for h in steady) / sum(h["step_time"] for h in steady), 2)
+    return out
