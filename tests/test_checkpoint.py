@@ -258,6 +258,25 @@ def test_first_signal_sets_the_flag_second_stops_at_once(tmp_path):
     assert proc.exitcode == 128 + signal.SIGTERM
 
 
+def test_signals_blocked_by_the_launcher_are_unblocked(tmp_path):
+    """A process started with SIGUSR1 blocked (the mask is inherited through exec) still gets the stop notice."""
+    trace = tmp_path / "trace"
+
+    def child():
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        s = ck.StopSignals()
+        s.install()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.1)
+        trace.write_text(f"{s.received == signal.SIGUSR1} {s.was_blocked}\n")
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(30)
+    assert trace.read_text().split("\n")[0] == "True ['SIGUSR1']"
+
+
 def test_status_round_trip(tmp_path):
     ck.write_status(tmp_path, "stopped_to_resume", step=3, exit_code=75)
     st = ck.read_status(tmp_path)

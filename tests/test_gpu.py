@@ -1,4 +1,13 @@
-"""GPU tier (marker `gpu`, run on the device box only): the real CLI on CUDA with bf16 compute and the paged optimizer."""
+"""GPU tier (marker `gpu`, run on the device box only): the real CLI on CUDA with bf16 compute and the paged optimizer.
+
+    . .gpu/env.sh; CUDA_VISIBLE_DEVICES=0 python3 -m pytest -m gpu tests/test_gpu.py        # one GPU: every test
+    . .gpu/env.sh; CUDA_VISIBLE_DEVICES=0,1 python3 -m pytest -m gpu tests/test_gpu.py      # the re-paging test then
+                                                                                            # restores onto GPU 1
+The CLI tests pin their child process to the first visible GPU (lorafit refuses one process that sees several); the
+in-process layout test needs exactly one visible GPU.
+"""
+
+import os
 
 import pytest
 from conftest import read_scalars, read_summary, run_cli, tiny_overrides
@@ -13,7 +22,8 @@ def test_cli_trains_on_gpu_bf16_paged(tmp_path, tiny_llama_dir, guanaco_dir, rec
     sets = tiny_overrides(tiny_llama_dir, guanaco_dir, out, steps=4)
     # back to the recipe's own GPU settings: bf16 compute, paged AdamW 32-bit
     sets += ["--set", "quantization.compute_dtype=bfloat16", "--set", "training.optimizer=paged_adamw_32bit"]
-    r = run_cli(["--recipe", recipe, *sets])
+    first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+    r = run_cli(["--recipe", recipe, *sets], env={"CUDA_VISIBLE_DEVICES": first})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s = read_summary(out)
     assert s["steps"] == 4 and s["layout"] == "single"
@@ -21,6 +31,7 @@ def test_cli_trains_on_gpu_bf16_paged(tmp_path, tiny_llama_dir, guanaco_dir, rec
     assert "train/mfu" in read_scalars(out / "tb")  # H100/H200 have a known peak; MFU is logged every step
 
 
+@pytest.mark.skipif(torch.cuda.device_count() != 1, reason="lorafit refuses one process that sees several GPUs")
 def test_layout_places_4bit_model_on_local_gpu(tiny_llama_dir):
     import bitsandbytes as bnb
 

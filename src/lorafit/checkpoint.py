@@ -433,11 +433,18 @@ class StopSignals:
     def __init__(self, on_hard_stop=None):
         self.received: int | None = None
         self._old: dict = {}
+        self.was_blocked: list[str] = []
         self._on_hard_stop = on_hard_stop
 
     def install(self) -> None:
         for s in self.SIGNALS:
             self._old[s] = signal.signal(s, self._handle)
+        # A blocked signal mask is inherited through fork and exec, and a handler does not unblock it: started under
+        # a supervisor that blocks SIGTERM/SIGUSR1, the preemption notice would stay pending for ever and the run
+        # would be killed without its checkpoint. (On the GPU box a SIGUSR1 sent to rank 0 was never handled.)
+        self.was_blocked = sorted(signal.Signals(s).name for s in signal.pthread_sigmask(signal.SIG_UNBLOCK,
+                                                                                          self.SIGNALS)
+                                  if s in self.SIGNALS)
 
     def restore(self) -> None:
         for s, h in self._old.items():
@@ -571,6 +578,9 @@ class RunSession:
                 decision.get("verify_s", 0.0),
             )
         self.signals.install()
+        if self.signals.was_blocked:
+            log.info("%s arrived blocked from the launching process; unblocked, so a stop signal still checkpoints",
+                     "/".join(self.signals.was_blocked))
         atexit.register(self.close)
 
     @property
