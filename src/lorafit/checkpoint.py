@@ -441,7 +441,8 @@ class StopSignals:
             self._old[s] = signal.signal(s, self._handle)
         # A blocked signal mask is inherited through fork and exec, and a handler does not unblock it: started under
         # a supervisor that blocks SIGTERM/SIGUSR1, the preemption notice would stay pending for ever and the run
-        # would be killed without its checkpoint. (On the GPU box a SIGUSR1 sent to rank 0 was never handled.)
+        # would be killed without its checkpoint. Defensive: the launchers we test with (accelerate, torchrun,
+        # srun, coreutils timeout) leave the mask empty.
         self.was_blocked = sorted(signal.Signals(s).name for s in signal.pthread_sigmask(signal.SIG_UNBLOCK,
                                                                                           self.SIGNALS)
                                   if s in self.SIGNALS)
