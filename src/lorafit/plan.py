@@ -13,7 +13,9 @@ Per process, in bytes:
 - activations: tokens per micro-step x layers x hidden x c, with c calibrated on an H100 (docs/benchmarks.md,
   2026-11-27: llama2_guanaco_fast, 7B, 4,096 packed tokens, peak 26.9 GiB with Liger, 32.3 GiB without):
   c = 44 B with Liger's fused kernels, 54 B without. With checkpointing only each layer's input is kept (2 B)
-  plus one layer being recomputed.
+  plus one layer being recomputed. With activation offloading what is kept goes to CPU memory: one layer's
+  activations stay, plus two layer inputs in flight on the copy streams (2026-11-28, llama2_guanaco_lean on the 7B
+  shape: 5.68 GiB without offloading, 4.80 GiB with it).
 The numbers are estimates (allocator fragmentation and library workspaces vary by ~10%); --plan says so.
 """
 
@@ -64,7 +66,7 @@ class Estimate:
 
 def estimate(shape: Shape, *, lora_r: int, targets: list[str] | None, tokens_per_micro_step: int, gc: bool,
              liger: bool, world: int = 1, zero3: bool = False, double_quant: bool = False,
-             load_in_4bit: bool = True, dtype_bytes: int = 2) -> Estimate:
+             load_in_4bit: bool = True, dtype_bytes: int = 2, offload: bool = False) -> Estimate:
     lin = shape.linear_shapes()
     linear_params = shape.layers * sum(i * o for i, o in lin.values())
     other_params = 2 * shape.vocab * shape.hidden + shape.layers * 2 * shape.hidden + shape.hidden
@@ -79,7 +81,9 @@ def estimate(shape: Shape, *, lora_r: int, targets: list[str] | None, tokens_per
     lora_params = shape.layers * sum(lora_r * (lin[n][0] + lin[n][1]) for n in names if n in lin)
     lora = lora_params * 16.0
     per_layer_token = shape.hidden * ACT_BYTES_NO_GC[liger]
-    if gc:
+    if offload:
+        act = tokens_per_micro_step * (2 * shape.hidden * 2.0 + per_layer_token)
+    elif gc:
         act = tokens_per_micro_step * (shape.layers * shape.hidden * 2.0 + per_layer_token)
     else:
         act = tokens_per_micro_step * shape.layers * per_layer_token
@@ -93,7 +97,7 @@ def for_recipe(cfg, shape: Shape, world: int = 1, zero3: bool = False, gc: bool 
         tokens_per_micro_step=t.per_device_batch_size * cfg.data.max_length,  # the worst case: full rows
         gc=bool(t.gradient_checkpointing) if gc is None else gc, liger=t.liger_kernels, world=world,
         zero3=zero3, double_quant=cfg.quantization.double_quant, load_in_4bit=cfg.quantization.load_in_4bit,
-        dtype_bytes=4 if cfg.quantization.compute_dtype == "float32" else 2)
+        dtype_bytes=4 if cfg.quantization.compute_dtype == "float32" else 2, offload=t.activation_offloading)
 
 
 def choose_checkpointing(cfg, shape: Shape, gpu_gib: float | None, world: int = 1, zero3: bool = False) -> bool:
