@@ -16,7 +16,7 @@ timeout 5 grep -E "SigBlk" /proc/self/status | sed 's/^/under timeout: /' | tee 
 ( export CUDA_VISIBLE_DEVICES=0,1 LORAFIT_BENCH_PORT=29641
   timeout 220 bash bench/ckpt_roundtrip.sh $R/ckpt ddp; say "round trip done"
   CUDA_VISIBLE_DEVICES=0 timeout 100 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
-  timeout 40 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -k repage; say "gpu tests done"
+  timeout 40 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -k paged; say "gpu tests done"
 ) > $R/lane01.log 2>&1 &
 ( export CUDA_VISIBLE_DEVICES=3
   timeout 170 python3 bench/loss_parity.py --model $G --data $GUANACO_1K --out $R/loss_parity --steps 50 --dropouts 0
