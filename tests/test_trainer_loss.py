@@ -69,3 +69,23 @@ def test_padding_free_batches_give_the_padded_batches_loss(tmp_path, tiny_llama_
     assert real == real_flat and padded_shape[0] == 2  # the same two rows ...
     assert flat_shape == (1, real)  # ... as one sequence of exactly their tokens, no pad
     assert abs(losses[True] - losses[False]) <= 1e-5 * abs(losses[False]), losses
+
+
+def test_levers_reach_trl_as_documented(tmp_path, tiny_llama_dir, guanaco_dir):
+    """padding_free goes to TRL with max_length unset (lorafit.data already truncated the rows, and TRL refuses a
+    max_length it cannot enforce without packing); with packing TRL keeps max_length. Activation offloading is a GPU
+    lever: the lean recipe turns it on, and a CPU run leaves it off."""
+    assert recipe.load_recipe("llama2_guanaco_lean").training.activation_offloading is True
+    sets = [v for v in tiny_overrides(tiny_llama_dir, guanaco_dir, tmp_path / "run") if v != "--set"]
+
+    def args(*extra):
+        cfg = recipe.load_recipe("llama2_guanaco", sets + list(extra))
+        return trainer.build_args(cfg, layout.decide(cfg, env={}, cuda_available=False), str(tmp_path / "run"),
+                                  has_eval=False)
+
+    a = args("data.padding_free=true", "training.activation_offloading=true")
+    assert a.padding_free is True and a.max_length is None and a.activation_offloading is False
+    a = args("data.padding_free=true", "data.packing=true")
+    assert a.padding_free is True and a.packing is True and a.max_length == 128
+    a = args()
+    assert a.padding_free is False and a.max_length == 128
