@@ -49,11 +49,9 @@ saves = [{"launch": k, "checkpoint": Path(m[0]).name, "save_s": float(m[1]), "si
 verify = re.findall(r"resuming from (\S+) \(step (\d+), verified against its manifest in ([\d.]+) s\)", logs["resume"])
 losses = None
 try:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from lorafit.tb import read_scalars
 
-    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    losses = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    losses = read_scalars(run / "tb")["train/loss"]
 except Exception as e:  # report, do not hide, a missing event file
     losses = f"unreadable: {e}"
 files = {}

@@ -119,7 +119,7 @@ def run_layout(a, layout: str, n: int, out: Path) -> dict:
 
 
 def run_parity(a, out: Path) -> dict:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from lorafit.tb import read_scalars
 
     common = [
         f"model.name={a.model}",
@@ -138,9 +138,8 @@ def run_parity(a, out: Path) -> dict:
             config, n, common + [f"training.per_device_batch_size={b}"], run_dir, out / f"parity-{name}.log"
         )
         if rcs[name] == 0:
-            acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
-            acc.Reload()
-            curves[name] = {tag: [e.value for e in acc.Scalars(f"train/{tag}")] for tag in ("loss", "grad_norm")}
+            scalars = read_scalars(run_dir / "tb")
+            curves[name] = {tag: [v for _, v in scalars[f"train/{tag}"]] for tag in ("loss", "grad_norm")}
     res: dict = {
         "rc": rcs,
         "curves": curves,

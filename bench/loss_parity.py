@@ -55,11 +55,9 @@ def run(recipe: str, sets: list[str], run_dir: Path, log: Path) -> int:
 
 
 def losses(run_dir: Path) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from lorafit.tb import read_scalars
 
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [e.value for e in acc.Scalars("train/loss")]
+    return [v for _, v in read_scalars(run_dir / "tb")["train/loss"]]
 
 
 def compare(ref: list[float], other: list[float]) -> dict:

@@ -149,13 +149,12 @@ def free_port() -> int:
 
 
 def last_loss_step(tb_dir: Path) -> int:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from lorafit.tb import read_scalars
 
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    if "train/loss" not in acc.Tags()["scalars"]:
-        raise SystemExit(f"tb_screenshot: {tb_dir} has no train/loss scalar (tags: {acc.Tags()['scalars']})")
-    return acc.Scalars("train/loss")[-1].step
+    scalars = read_scalars(tb_dir)
+    if "train/loss" not in scalars:
+        raise SystemExit(f"tb_screenshot: {tb_dir} has no train/loss scalar (tags: {list(scalars)})")
+    return scalars["train/loss"][-1][0]
 
 
 def start_tensorboard(tb_dir: Path, port: int, log_file) -> subprocess.Popen:

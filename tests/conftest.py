@@ -132,12 +132,9 @@ def run_cli(args: list[str], env: dict | None = None, script: str = "src/train.p
 
 
 def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in a TensorBoard folder, read back with tensorboard's own event reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from lorafit.tb import read_scalars as read  # imported here: lorafit.tb imports transformers
 
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return read(tb_dir)
 
 
 def read_summary(run_dir: Path) -> dict:

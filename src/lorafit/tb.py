@@ -63,3 +63,14 @@ class TensorBoardLogger(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kw):
         self.w.flush()
+
+
+def read_scalars(tb_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a TensorBoard folder, {tag: [(step, value), ...]}, read back with tensorboard's own reader
+    (for tests and bench/ scripts; training never reads events)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
