@@ -6,9 +6,16 @@ from conftest import tiny_overrides
 from lorafit import data, layout, model, recipe, trainer
 
 
-def test_lean_loss_equals_trl_loss(tmp_path, tiny_llama_dir, guanaco_dir):
-    sets = tiny_overrides(tiny_llama_dir, guanaco_dir, tmp_path / "run")
-    cfg = recipe.load_recipe("llama2_guanaco", [v for v in sets if v != "--set"] + ["lora.dropout=0.0"])
+def sets_for(tmp_path, tiny_llama_dir, guanaco_dir) -> list[str]:
+    """The tiny CPU run's overrides as recipe.load_recipe takes them (k=v, without the CLI's --set)."""
+    return [v for v in tiny_overrides(tiny_llama_dir, guanaco_dir, tmp_path / "run") if v != "--set"]
+
+
+def first_batch(tmp_path, tiny_llama_dir, guanaco_dir, extra: list[str]):
+    """llama2_guanaco on the tiny model on CPU, assembled as src/train.py does: (trainer, model, first batch, its real
+    token count). Dropout is off so that two calls see the same arithmetic."""
+    sets = sets_for(tmp_path, tiny_llama_dir, guanaco_dir) + ["lora.dropout=0.0", *extra]
+    cfg = recipe.load_recipe("llama2_guanaco", sets)
     lay = layout.decide(cfg, env={}, cuda_available=False)
     args = trainer.build_args(cfg, lay, str(tmp_path / "run"), has_eval=False)
     tok = model.load_tokenizer(cfg, str(tiny_llama_dir))
@@ -16,8 +23,13 @@ def test_lean_loss_equals_trl_loss(tmp_path, tiny_llama_dir, guanaco_dir):
     net = model.load_model(cfg, lay, str(tiny_llama_dir), tok)
     sft = trainer.build_trainer(cfg, lay, args, net, tok, prepared, [])
     batch = next(iter(sft.get_train_dataloader()))
-    batch.pop(trainer.REAL_TOKENS_KEY)
+    real = batch.pop(trainer.REAL_TOKENS_KEY)
     net.train()
+    return sft, net, batch, real
+
+
+def test_lean_loss_equals_trl_loss(tmp_path, tiny_llama_dir, guanaco_dir):
+    sft, net, batch, _ = first_batch(tmp_path, tiny_llama_dir, guanaco_dir, [])
     with torch.no_grad():
         lean = sft.compute_loss(net, dict(batch))
         sft.token_metrics = True  # routes to TRL's own compute_loss
@@ -49,20 +61,10 @@ def test_padding_free_batches_give_the_padded_batches_loss(tmp_path, tiny_llama_
     """data.padding_free concatenates a micro-batch's rows into one sequence (position ids restart per row, no
     attention across rows): the same rows and answer tokens as the padded batch, so the same loss. Float32 on CPU:
     only the summation order differs (the attention mask is block-diagonal instead of a padding mask)."""
-    sets = [v for v in tiny_overrides(tiny_llama_dir, guanaco_dir, tmp_path / "run") if v != "--set"]
     losses, shapes = {}, {}
     for pf in (False, True):
-        cfg = recipe.load_recipe("llama2_guanaco", sets + ["lora.dropout=0.0", f"data.padding_free={pf}"])
-        lay = layout.decide(cfg, env={}, cuda_available=False)
-        args = trainer.build_args(cfg, lay, str(tmp_path / f"run{pf}"), has_eval=False)
-        tok = model.load_tokenizer(cfg, str(tiny_llama_dir))
-        prepared = data.prepare(cfg.data, tok)
-        net = model.load_model(cfg, lay, str(tiny_llama_dir), tok)
-        sft = trainer.build_trainer(cfg, lay, args, net, tok, prepared, [])
-        batch = next(iter(sft.get_train_dataloader()))
-        real = batch.pop(trainer.REAL_TOKENS_KEY)
+        sft, net, batch, real = first_batch(tmp_path, tiny_llama_dir, guanaco_dir, [f"data.padding_free={pf}"])
         shapes[pf] = (tuple(batch["input_ids"].shape), real)
-        net.train()
         with torch.no_grad():
             losses[pf] = sft.compute_loss(net, dict(batch)).item()
     (padded_shape, real), (flat_shape, real_flat) = shapes[False], shapes[True]
@@ -76,7 +78,7 @@ def test_levers_reach_trl_as_documented(tmp_path, tiny_llama_dir, guanaco_dir):
     max_length it cannot enforce without packing); with packing TRL keeps max_length. Activation offloading is a GPU
     lever: the lean recipe turns it on, and a CPU run leaves it off."""
     assert recipe.load_recipe("llama2_guanaco_lean").training.activation_offloading is True
-    sets = [v for v in tiny_overrides(tiny_llama_dir, guanaco_dir, tmp_path / "run") if v != "--set"]
+    sets = sets_for(tmp_path, tiny_llama_dir, guanaco_dir)
 
     def args(*extra):
         cfg = recipe.load_recipe("llama2_guanaco", sets + list(extra))
