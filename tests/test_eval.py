@@ -264,6 +264,16 @@ def test_evaluated_at_reads_the_log_history():
 # ---------------------------------------------------------------------------------------------------------------
 # A tiny real run
 
+# The synthetic task with an eval split, evaluated every 2 steps with short generations: shared by the tiny runs below.
+SYNTHETIC_EVAL_SETS = [
+    "data.path=synthetic:reverse-words",
+    "data.format=llama2",
+    "data.eval_fraction=0.25",
+    "training.eval_steps=2",
+    "eval.max_new_tokens=6",
+    "eval.skill_max_new_tokens=6",
+]
+
 
 def test_tiny_run_writes_eval_metrics_samples_and_skill(tmp_path, tiny_llama_dir, tokenizer_dir):
     """The tiny random Llama on the synthetic task: eval at start, every 2 steps and at the end; samples as text."""
@@ -271,12 +281,7 @@ def test_tiny_run_writes_eval_metrics_samples_and_skill(tmp_path, tiny_llama_dir
 
     out = tmp_path / "run"
     sets = [
-        "data.path=synthetic:reverse-words",
-        "data.format=llama2",
-        "data.eval_fraction=0.25",
-        "training.eval_steps=2",
-        "eval.max_new_tokens=6",
-        "eval.skill_max_new_tokens=6",
+        *SYNTHETIC_EVAL_SETS,
         "eval.samples=2",
     ]
     r = run_cli(
@@ -352,12 +357,7 @@ def test_samples_and_skill_under_ddp_and_zero3(tmp_path, tiny_llama_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     sets = [
-        "data.path=synthetic:reverse-words",
-        "data.format=llama2",
-        "data.eval_fraction=0.25",
-        "training.eval_steps=2",
-        "eval.max_new_tokens=6",
-        "eval.skill_max_new_tokens=6",
+        *SYNTHETIC_EVAL_SETS,
         "eval.batch_size=3",
     ]
     step0 = {}
