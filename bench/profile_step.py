@@ -97,16 +97,26 @@ def main() -> None:
     def device_us(e) -> float:
         return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
 
+    # Device time from the GPU's own events (kernels, copies, memsets) on their timeline: summing key_averages'
+    # self device time would count each kernel twice (under its launching op and as itself).
     kernels = [e for e in prof.prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, cur = 0.0, None
+    for start, end in spans:  # union of intervals: overlapping events (several streams) count once
+        if cur is None or start > cur[1]:
+            busy += 0.0 if cur is None else cur[1] - cur[0]
+            cur = [start, end]
+        else:
+            cur[1] = max(cur[1], end)
+    busy += 0.0 if cur is None else cur[1] - cur[0]
     syncs = sum(e.count for e in ka if e.key in ("cudaDeviceSynchronize", "cudaStreamSynchronize",
-                                                   "cudaMemcpyAsync", "cudaEventSynchronize", "aten::item",
-                                                   "aten::_local_scalar_dense"))
+                                                   "cudaEventSynchronize", "aten::item", "aten::_local_scalar_dense"))
     summary = {
         "recipe": cfg.name,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "profiled_steps": n,
         "wall_s_per_step": [round(x, 4) for x in prof.step_walls],
-        "device_busy_s_per_step": round(sum(device_us(e) for e in ka) / 1e6 / n, 4) if cuda else None,
+        "device_busy_s_per_step": round(busy / 1e6 / n, 4) if cuda else None,
         "kernels_per_step": round(len(kernels) / n, 1) if cuda else None,
         "sync_like_calls_per_step": round(syncs / n, 1),
         "top_self_cpu": [(e.key, e.count // n, round(e.self_cpu_time_total / 1e3 / n, 2))
