@@ -45,6 +45,8 @@ def test_layout_places_4bit_model_on_local_gpu(tiny_llama_dir):
     linears = [m for m in net.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert linears and all(m.weight.device.type == "cuda" for m in linears)
     assert all(m.weight.quant_state.dtype == torch.bfloat16 for m in linears)
+    # the layout's sdpa policy (lorafit.layout: a cuDNN plan per new padded shape) is in force after the load
+    assert torch.backends.cuda.cudnn_sdp_enabled() is False
 
 
 def test_restored_paged_optimizer_state_is_paged_again_on_the_last_gpu(tmp_path):

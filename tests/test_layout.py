@@ -51,6 +51,13 @@ def test_single_gpu_loads_on_the_local_gpu():
     assert lay.gradient_checkpointing_kwargs == {"use_reentrant": False}
 
 
+def test_sdpa_keeps_cudnn_attention_off_unless_the_recipe_asks():
+    """cuDNN's sdpa kernel builds a plan per new padded shape (~1.1 s each on an H100 with torch 2.11; call I in
+    docs/benchmarks.md), so the layout leaves it off by default and model.load_model applies that on GPU runs."""
+    assert gpu(guanaco(), {}).sdpa_cudnn is False
+    assert gpu(guanaco("model.sdpa_cudnn=true"), {}).sdpa_cudnn is True
+
+
 def test_ddp_uses_the_local_index_not_the_global_rank():
     # node 2 of 2 with 8 GPUs each: global rank 9 is the second process of its machine, so it owns GPU 1
     lay = gpu(guanaco("training.gradient_accumulation_steps=2"), dist_env(16, 9, 1, ACCELERATE_MIXED_PRECISION="bf16"))

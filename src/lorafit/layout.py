@@ -84,6 +84,7 @@ class Layout:
     zero_stage: int | None = None
     effective_batch: int = 0
     cpu_threads: int | None = None  # set torch's intra-op threads to this (CPU runs of one process)
+    sdpa_cudnn: bool = False  # whether sdpa may pick cuDNN's attention kernel (GPU runs with attn sdpa)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -257,6 +258,10 @@ def decide(
         zero_stage=stage,
         effective_batch=t.per_device_batch_size * t.gradient_accumulation_steps * world,
         cpu_threads=_cpu_threads(env) if on_cpu and world == 1 else None,
+        # torch 2.11 sends sdpa with a padding mask to cuDNN first on Hopper, and cuDNN builds an execution plan for
+        # each new (batch, length): ~1.1 s forward + backward per new shape, measured on an H100 (docs/benchmarks.md).
+        # Without it sdpa takes its memory-efficient or flash kernel, which need no plan.
+        sdpa_cudnn=cfg.model.sdpa_cudnn,
         notes=notes,
     )
 

@@ -166,6 +166,8 @@ def load_model(cfg: Recipe, layout: Layout, source: str, tokenizer):
     dtype = getattr(torch, cfg.quantization.compute_dtype)
     if layout.cpu_threads:
         torch.set_num_threads(layout.cpu_threads)
+    if layout.device != "cpu":
+        torch.backends.cuda.enable_cudnn_sdp(layout.sdpa_cudnn)  # process-wide; the layout says why
     kwargs = dict(
         quantization_config=quantization_config(cfg, layout),
         dtype=dtype,

@@ -58,6 +58,9 @@ class ModelConfig:
     tokenizer: str | None = f(None, "Tokenizer hub id or folder; defaults to `name`.")
     revision: str | None = f(None, "Hub revision (branch, tag or commit) of the model and tokenizer.")
     attn_implementation: str = f("sdpa", "Attention kernel: sdpa, eager, flex_attention or flash_attention_2.")
+    sdpa_cudnn: bool = f(
+        False, "Let sdpa use PyTorch's cuDNN attention kernel. Off by default: cuDNN builds a plan for every new batch "
+        "shape (~1 s each on an H100), which padded batches of varying length pay again and again.")
     pad_token: str | None = f(
         None, "Pad token; by default an existing special token distinct from EOS (Llama-2: <unk>) so EOS is learned."
     )
