@@ -91,3 +91,28 @@ def test_levers_reach_trl_as_documented(tmp_path, tiny_llama_dir, guanaco_dir):
     assert a.padding_free is True and a.packing is True and a.max_length == 128
     a = args()
     assert a.padding_free is False and a.max_length == 128
+
+
+def test_host_shortcuts_give_hf_trainers_own_figures(tmp_path, tiny_llama_dir, guanaco_dir):
+    """LorafitTrainer counts the parameters for HF's FLOPs figure once, and clips over the LoRA tensors alone (both
+    to cut per-step host time on the GPU). Each must give what HF's own per-step path gives."""
+    from transformers import Trainer
+
+    sft, net, batch, _ = first_batch(tmp_path, tiny_llama_dir, guanaco_dir, [])
+    # HF's formula: 6 x input tokens x non-embedding parameters
+    want = 6 * batch["input_ids"].numel() * net.num_parameters(exclude_embeddings=True)
+    assert sft.floating_point_ops(batch) == want == Trainer.floating_point_ops(sft, batch)
+    assert sft.floating_point_ops({"labels": batch["input_ids"]}) == 0  # no model input: HF counts nothing either
+
+    loss = sft.compute_loss(net, dict(batch))
+    loss.backward()
+    grads = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+    sft.args.max_grad_norm = 1e-3  # small enough that clipping scales the gradients
+    ours = sft._clip_grad_norm(net)
+    ours_grads = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+    for p, g in zip([p for p in net.parameters() if p.grad is not None], grads):
+        p.grad.copy_(g)  # back to the unclipped gradients
+    hf = Trainer._clip_grad_norm(sft, net)
+    assert torch.allclose(ours, hf) and ours.item() > 1e-3  # same total norm, and above the clip threshold
+    hf_grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert all(torch.equal(a, b) for a, b in zip(ours_grads, hf_grads))  # clipped identically

@@ -64,6 +64,10 @@ def build_args(cfg: Recipe, layout: Layout, run_dir: str, has_eval: bool) -> SFT
         eval_on_start=has_eval and cfg.eval.on_start,  # the base model's eval loss: the baseline
         eval_steps=t.eval_steps if eval_strategy == "steps" else None,
         dataloader_num_workers=t.dataloader_num_workers,
+        # Batches go to the GPU from pinned memory without a blocking copy: a blocking host-to-device copy waits for
+        # the GPU to drain (one host-device sync per input tensor, at the start of every step).
+        dataloader_pin_memory=on_gpu,
+        accelerator_config={"non_blocking": on_gpu},
         use_liger_kernel=t.liger_kernels and on_gpu,
         torch_compile=t.torch_compile and on_gpu,
         # lorafit.data truncates rows to max_length itself (and counts them); TRL refuses a max_length it cannot
@@ -115,6 +119,32 @@ class LorafitTrainer(CheckpointingMixin, SFTTrainer):
         self._last_log = None  # (time, tokens, step) at the previous training log; the clock starts at step 1
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.token_metrics = token_metrics
+        self._flops_params: int | None = None
+        self._trainable: list | None = None
+
+    def floating_point_ops(self, inputs) -> int:
+        """HF's count (6 x input tokens x non-embedding parameters) with the parameter count taken once: HF recounts
+        it on every micro-step by walking every module of the model, 5-10 ms of host time per step on a 7B PEFT model
+        (profiled; docs/benchmarks.md), during which the GPU runs out of queued work. The count cannot change."""
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if main not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._flops_params is None:
+            self._flops_params = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main].numel() * self._flops_params
+
+    def _clip_grad_norm(self, model):
+        """Clips over the trainable (LoRA) parameters only, listed once. HF passes model.parameters(), so each step
+        walks the frozen 4-bit base too; only tensors with gradients count toward the norm, so the result is the same.
+        DeepSpeed and FSDP clip inside their engines and keep HF's path."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU,
+                                                     DistributedType.MULTI_CPU):
+            return super()._clip_grad_norm(model)
+        if self._trainable is None:
+            self._trainable = [p for p in model.parameters() if p.requires_grad]
+        return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
 
     def training_step(self, model, inputs, *a, **kw):
         if self._last_log is None:
