@@ -8,6 +8,8 @@ What changes (each lever is a recipe field, measured on and off in docs/benchmar
   summary.json reports rows and tokens per step.
 - training.gradient_checkpointing off: a 7B 4-bit base with batch 4 x 1024 fits in 80 GB without recompute.
 - training.liger_kernels: fused RMSNorm / SwiGLU / RoPE / linear+cross-entropy.
+- training.dataloader_num_workers=2: batches are packed and collated in two worker processes, so the GPU does not wait
+  for the host between steps (+9% on an H100; the same batches in the same order).
 """
 
 import dataclasses
@@ -24,6 +26,6 @@ def recipe():
         description="llama2_guanaco with packing, flex attention, no recompute and Liger kernels",
         model=r(base.model, attn_implementation="flex_attention"),
         data=r(base.data, packing=True),
-        training=r(base.training, gradient_checkpointing=False, liger_kernels=True),
+        training=r(base.training, gradient_checkpointing=False, liger_kernels=True, dataloader_num_workers=2),
         output=r(base.output, dir="runs/llama2_guanaco_fast"),
     )
