@@ -19,6 +19,8 @@ from lorafit.dist import main_first, prepare_data
 
 
 def train(args, holder) -> int:
+    clock = cli.Stopwatch()
+    clock.lap("start-up")  # interpreter and imports
     cfg = recipe.load_recipe(args.recipe, args.overrides)
     lay = layout.decide(cfg)
     if args.print_config:
@@ -42,9 +44,11 @@ def train(args, holder) -> int:
         return source, tok, prepare_data(cfg.data, tok, is_local_main)  # tokenized once per machine
 
     source, tok, prepared = main_first(inputs, is_local_main)
+    clock.lap("data")
     cli.log.info("%s", lay.describe())
     cli.log.info("%s", prepared.stats.summary_line())
     net = model.load_model(cfg, lay, source, tok)
+    clock.lap("model")
 
     out = run_dir.create()
     if lay.is_main:
@@ -54,6 +58,7 @@ def train(args, holder) -> int:
     callbacks = [tb.TensorBoardLogger(writer, cfg.to_yaml()), evals]
     sft = trainer.build_trainer(cfg, lay, args_hf, net, tok, prepared, callbacks)
     run.attach(sft)  # refuses a checkpoint saved for another model or LoRA shape
+    clock.lap("trainer")
     t0 = time.perf_counter()
     sft.train(resume_from_checkpoint=run.resume_path)
     if (code := run.stopped_exit_code()) is not None:  # a signal (75) or too many non-finite steps (3)
@@ -62,14 +67,17 @@ def train(args, holder) -> int:
     if prepared.eval is not None and not evaluate.evaluated_at(sft.state, sft.state.global_step):
         sft.evaluate()
     wall = time.perf_counter() - t0
+    clock.lap("train")
     sft.save_model(str(out))  # adapter_model.safetensors + adapter_config.json (gathers shards under ZeRO-3)
     if lay.is_main:
         tok.save_pretrained(out)
+    clock.lap("save")
     summary = trainer.write_summary(out, cfg, lay, sft, prepared, wall, net.get_nb_trainable_parameters()[0],
-                                    extra={**evals.summary(), **run.summary_extra(sft)})
+                                    extra={**evals.summary(), **run.summary_extra(sft), "phases_s": clock.laps})
     run.finish(summary)
     cli.log.info("done: %d steps, final loss %s, %s real tokens/s; adapter in %s", summary["steps"],
                  summary["final_loss"], summary["tokens_per_second"], out)
+    cli.log.info("time: %s", clock.describe())
     writer.close()
     return 0
 

@@ -47,6 +47,11 @@ def test_run_folder_holds_adapter_tokenizer_recipe_and_summary(first_run, tiny_l
     d = summary["data"]
     assert d["rows"] == 32 and d["train_rows"] + d["dropped_fully_truncated"] == 32
     assert 6 * 11 <= summary["tokens_seen"] <= 6 * 128
+    # where the run's time went, from the process start; the training phase is the summary's wall time
+    phases = summary["phases_s"]
+    assert list(phases) == ["start-up", "data", "model", "trainer", "train", "save"]
+    assert all(v >= 0 for v in phases.values()) and phases["start-up"] > 0.5  # importing torch alone takes longer
+    assert abs(phases["train"] - summary["wall_time_s"]) < 0.5
     cfg = json.loads((first_run / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
 
@@ -121,3 +126,19 @@ def test_saved_recipe_yaml_round_trips(first_run):
     assert r.returncode == 0, r.stderr[-3000:]
     text, _ = split_print_config(r.stdout)
     assert text == saved.read_text()
+
+
+def test_stopwatch_counts_from_the_process_start():
+    import time
+
+    from lorafit import cli
+
+    start = cli.process_start_time()
+    assert time.time() - 24 * 3600 < start < time.time()  # this pytest process started earlier, not a day ago
+    clock = cli.Stopwatch()
+    clock.lap("so far")
+    time.sleep(0.05)
+    clock.lap("sleep")
+    # pytest and torch were imported before this test ran: the first lap counts that time, from the process start
+    assert clock.laps["so far"] > 0.5 and clock.laps["sleep"] >= 0.04
+    assert clock.describe().endswith(f"total {clock.laps['so far'] + clock.laps['sleep']:.1f} s")

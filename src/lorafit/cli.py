@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,35 @@ from pathlib import Path
 from lorafit.errors import EXIT_USER_ERROR, UserError
 
 log = logging.getLogger("lorafit")
+
+
+def process_start_time() -> float:
+    """When this process started (epoch seconds), from /proc; the current time where /proc is missing."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+class Stopwatch:
+    """Wall time of a run's phases, from the process start: summary.json's `phases_s` and one console line, so a
+    user sees where the minute before the first step goes (imports, data, quantizing the base, compiling)."""
+
+    def __init__(self):
+        self.last = process_start_time()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.laps[name] = round(max(now - self.last, 0.0), 2)
+        self.last = now
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {v:.1f} s" for k, v in self.laps.items()) + f"; total {sum(self.laps.values()):.1f} s"
 
 
 def parser(description: str) -> argparse.ArgumentParser:
