@@ -7,6 +7,10 @@ A run is `trl_seed` / `trl_tuned` (bench/trl_reference.py: plain TRL, no lorafit
 (src/train.py with overrides, e.g. `lorafit:llama2_guanaco_fast+training.liger_kernels=false`). Each runs in its own
 process (clean memory counters). Real tokens/s = non-pad tokens per second, median over steps after the warm-up,
 with a device sync per step on both sides. Prints a table and writes <out>/results.json.
+
+Per-step times jitter by ~10% on an H100 with no pattern shared between runs (docs/benchmarks.md, call I), so a
+lever worth a few percent needs repeats: `--repeat 2` runs the whole list twice, interleaved (A B A B), and the
+table gives the median over repeats with their spread.
 """
 
 from __future__ import annotations
@@ -21,19 +25,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_trl(name: str, a, out: Path) -> dict:
+def run_trl(name: str, a, out: Path, tag: str = "") -> dict:
     extra = {"trl_seed": [], "trl_tuned": ["--tuned"], "trl_tuned_all_linear": ["--tuned", "--all-linear",
                                                                                 "--dropout", "0"]}[name]
-    js = out / f"{name}.json"
+    js = out / f"{name}{tag}.json"
     cmd = [sys.executable, str(REPO / "bench/trl_reference.py"), "--model", a.model, "--data", a.data, "--steps",
            str(a.steps), "--warmup", str(a.warmup), "--out", str(js), *extra]
-    return _go(name, cmd, out, lambda: json.loads(js.read_text()))
+    return _go(name, cmd, out, lambda: json.loads(js.read_text()), tag)
 
 
-def run_lorafit(spec: str, a, out: Path) -> dict:
+def run_lorafit(spec: str, a, out: Path, tag: str = "") -> dict:
     recipe, *sets = spec.split(":", 1)[1].split("+")
-    name = spec.replace(":", "_").replace("+", "_").replace("=", "-").replace(".", "-")
-    run_dir = Path(a.scratch) / name
+    name = spec.replace(":", "_").replace("+", "_").replace("=", "-").replace(".", "-").replace("/", "-")
+    run_dir = Path(a.scratch) / f"{name}{tag}"
     subprocess.run(["rm", "-rf", str(run_dir)])
     overrides = [f"model.name={a.model}", f"data.path={a.data}", f"training.max_steps={a.steps}", "logging.steps=1",
                  "logging.progress_bar=false", f"output.dir={run_dir}", *sets]
@@ -43,15 +47,17 @@ def run_lorafit(spec: str, a, out: Path) -> dict:
         s = json.loads((run_dir / "summary.json").read_text())
         return {"name": spec, "real_tokens_per_s": s.get("steady_tokens_per_second"),
                 "s_per_step": s.get("steady_step_time_s"), "tokens_per_step": s["tokens_seen"] / max(s["steps"], 1),
+                "real_tokens_per_s_mean": s.get("steady_tokens_per_second_mean"), "phases_s": s.get("phases_s"),
                 "peak_gib": s.get("peak_gpu_memory_gib"), "mfu": s.get("steady_mfu"), "first_losses": s.get(
                     "first_losses"), "steps": s["steps"]}
 
-    return _go(name, cmd, out, parse)
+    return _go(name, cmd, out, parse, tag)
 
 
-def _go(name: str, cmd: list[str], out: Path, parse) -> dict:
+def _go(name: str, cmd: list[str], out: Path, parse, tag: str = "") -> dict:
     t0 = time.time()
-    with open(out / f"{name}.log", "w") as log:
+    log_path = out / f"{name}{tag}.log"
+    with open(log_path, "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
     res = {"name": name, "rc": rc}
     if rc == 0:
@@ -60,7 +66,7 @@ def _go(name: str, cmd: list[str], out: Path, parse) -> dict:
         except Exception as e:  # a missing field must not lose the other runs' numbers
             res["parse_error"] = repr(e)
     else:
-        res["log_tail"] = (out / f"{name}.log").read_text()[-1500:]
+        res["log_tail"] = log_path.read_text()[-1500:]
     res["wall_s"] = round(time.time() - t0, 1)
     print(json.dumps(res), flush=True)
     return res
@@ -75,20 +81,43 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", required=True)
     p.add_argument("--scratch", default="/tmp/lorafit-bench")
+    p.add_argument("--repeat", type=int, default=1, help="run the whole list this many times, interleaved")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for spec in a.runs.split(","):
-        results.append(run_lorafit(spec, a, out) if spec.startswith("lorafit:") else run_trl(spec, a, out))
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"\n{'run':60s} {'real tok/s':>10s} {'s/step':>7s} {'tok/step':>8s} {'peak GiB':>8s} {'MFU':>5s}")
-    def fmt(r, k, f):
-        return f.format(r[k]) if isinstance(r.get(k), int | float) else "-"
+    for rep in range(a.repeat):
+        tag = f"_r{rep + 1}" if a.repeat > 1 else ""
+        for spec in a.runs.split(","):
+            run = run_lorafit if spec.startswith("lorafit:") else run_trl
+            results.append({**run(spec, a, out, tag), "repeat": rep + 1})
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(table(results))
 
-    for r in results:
-        print(f"{r['name'][:60]:60s} {fmt(r, 'real_tokens_per_s', '{:10.0f}'):>10s} {fmt(r, 's_per_step', '{:7.3f}'):>7s} "
-              f"{fmt(r, 'tokens_per_step', '{:8.0f}'):>8s} {fmt(r, 'peak_gib', '{:8.2f}'):>8s} {fmt(r, 'mfu', '{:5.2f}'):>5s}")
+
+def table(results: list[dict]) -> str:
+    """One row per run: the median over its repeats of each figure; `spread` = (max - min) / median of real tokens/s
+    over the repeats (empty with one repeat)."""
+    import statistics
+
+    def med(rows, k):
+        v = [r[k] for r in rows if isinstance(r.get(k), int | float)]
+        return statistics.median(v) if v else None
+
+    def fmt(v, f):
+        return f.format(v) if v is not None else "-"
+
+    lines = [f"{'run':60s} {'real tok/s':>10s} {'spread':>6s} {'s/step':>7s} {'tok/step':>8s} {'peak GiB':>8s} "
+             f"{'MFU':>5s}"]
+    for name in dict.fromkeys(r["name"] for r in results):
+        rows = [r for r in results if r["name"] == name]
+        rates = [r["real_tokens_per_s"] for r in rows if isinstance(r.get("real_tokens_per_s"), int | float)]
+        spread = (max(rates) - min(rates)) / statistics.median(rates) if len(rates) > 1 else None
+        lines.append(f"{name[:60]:60s} {fmt(med(rows, 'real_tokens_per_s'), '{:10.0f}'):>10s} "
+                     f"{fmt(spread and 100 * spread, '{:5.1f}%'):>6s} {fmt(med(rows, 's_per_step'), '{:7.3f}'):>7s} "
+                     f"{fmt(med(rows, 'tokens_per_step'), '{:8.0f}'):>8s} {fmt(med(rows, 'peak_gib'), '{:8.2f}'):>8s} "
+                     f"{fmt(med(rows, 'mfu'), '{:5.2f}'):>5s}")
+    return "\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":
