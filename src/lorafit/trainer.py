@@ -178,6 +178,8 @@ class LorafitTrainer(CheckpointingMixin, SFTTrainer):
         return super().prediction_step(model, inputs, *a, **kw)
 
     def real_tokens_total(self) -> int:
+        if self.args.world_size == 1:
+            return self.real_tokens_local  # host-side already: no device tensor, no sync at each log
         import torch
 
         t = torch.tensor([self.real_tokens_local], dtype=torch.int64, device=self.args.device)
