@@ -123,9 +123,10 @@ class LorafitTrainer(CheckpointingMixin, SFTTrainer):
         self._trainable: list | None = None
 
     def floating_point_ops(self, inputs) -> int:
-        """HF's count (6 x input tokens x non-embedding parameters) with the parameter count taken once: HF recounts
-        it on every micro-step by walking every module of the model, 5-10 ms of host time per step on a 7B PEFT model
-        (profiled; docs/benchmarks.md), during which the GPU runs out of queued work. The count cannot change."""
+        """HF's count (6 x input tokens x non-embedding parameters) with the parameter count taken once. HF recounts
+        it on every micro-step by walking every module: 9 ms per step of a tiny 32-layer PEFT model on this project's
+        CPU (cProfile), host time in which the GPU can run out of queued work. On an H100 the change was within the
+        run-to-run spread (docs/benchmarks.md, call I); it is kept because the count cannot change."""
         main = getattr(self.model, "main_input_name", "input_ids")
         if main not in inputs or not hasattr(self.model, "num_parameters"):
             return 0
