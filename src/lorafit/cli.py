@@ -41,10 +41,13 @@ class Stopwatch:
         self.last = process_start_time()
         self.laps: dict[str, float] = {}
 
-    def lap(self, name: str) -> None:
+    def lap(self, name: str) -> float:
+        """Records the time since the previous lap under `name` and returns it (unrounded, seconds)."""
         now = time.time()
-        self.laps[name] = round(max(now - self.last, 0.0), 2)
+        elapsed = max(now - self.last, 0.0)
+        self.laps[name] = round(elapsed, 2)
         self.last = now
+        return elapsed
 
     def describe(self) -> str:
         return ", ".join(f"{k} {v:.1f} s" for k, v in self.laps.items()) + f"; total {sum(self.laps.values()):.1f} s"
