@@ -63,6 +63,7 @@ BNB_OPTIMIZERS = frozenset(
         "rmsprop_bnb",
         "rmsprop_bnb_8bit",
         "rmsprop_bnb_32bit",
+        "lorafit_adamw_32bit",  # lorafit.fastpath: bitsandbytes' 32-bit AdamW without the per-tensor sync
     }
 )
 _PRECISION_OF = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
@@ -85,6 +86,7 @@ class Layout:
     effective_batch: int = 0
     cpu_threads: int | None = None  # set torch's intra-op threads to this (CPU runs of one process)
     sdpa_cudnn: bool = False  # whether sdpa may pick cuDNN's attention kernel (GPU runs with attn sdpa)
+    attn_implementation: str = "sdpa"  # the name handed to transformers (model.attn_implementation, resolved)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -234,6 +236,24 @@ def decide(
             f"{gpu_count} GPUs are visible to a single process; use them all with accelerate launch --config_file "
             "launch/ddp.yaml (or zero2/zero3), or make one visible with CUDA_VISIBLE_DEVICES=0"
         )
+    attn = cfg.model.attn_implementation
+    if attn == "varlen":
+        if not (cfg.data.packing or cfg.data.padding_free):
+            raise UserError(
+                "model.attn_implementation=varlen runs on padding-free batches; set data.packing=true (rows packed "
+                "into full sequences) or data.padding_free=true (the same rows per step), or use sdpa"
+            )
+        from lorafit import fastpath
+
+        if not on_cpu and not fastpath.varlen_available():
+            import torch
+
+            raise UserError(
+                f"model.attn_implementation=varlen needs torch.nn.attention.varlen (PyTorch 2.9 or newer; this is "
+                f"{torch.__version__}); use flex_attention or sdpa"
+            )
+        # On a CPU the same function attends each packed row with sdpa (lorafit.fastpath): correct, not fast.
+        attn = fastpath.ATTN_NAME
     gc = t.gradient_checkpointing
     if gc == "auto":  # the memory planner decides; shape and GPU size are looked up unless given (tests give them)
         from lorafit import plan
@@ -262,6 +282,7 @@ def decide(
         # each new (batch, length): ~1.1 s forward + backward per new shape, measured on an H100 (docs/benchmarks.md).
         # Without it sdpa takes its memory-efficient or flash kernel, which need no plan.
         sdpa_cudnn=cfg.model.sdpa_cudnn,
+        attn_implementation=attn,
         notes=notes,
     )
 

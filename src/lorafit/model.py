@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lorafit import fastpath
 from lorafit.errors import UserError
 from lorafit.layout import Layout
 from lorafit.recipe import ModelConfig, Recipe
@@ -168,10 +169,12 @@ def load_model(cfg: Recipe, layout: Layout, source: str, tokenizer):
         torch.set_num_threads(layout.cpu_threads)
     if layout.device != "cpu":
         torch.backends.cuda.enable_cudnn_sdp(layout.sdpa_cudnn)  # process-wide; the layout says why
+    if layout.attn_implementation == fastpath.ATTN_NAME:
+        fastpath.register_varlen_attention()  # before from_pretrained, which checks the name
     kwargs = dict(
         quantization_config=quantization_config(cfg, layout),
         dtype=dtype,
-        attn_implementation=cfg.model.attn_implementation,
+        attn_implementation=layout.attn_implementation,
         revision=cfg.model.revision,
         trust_remote_code=cfg.model.trust_remote_code,
     )

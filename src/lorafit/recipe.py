@@ -57,7 +57,10 @@ class ModelConfig:
     )
     tokenizer: str | None = f(None, "Tokenizer hub id or folder; defaults to `name`.")
     revision: str | None = f(None, "Hub revision (branch, tag or commit) of the model and tokenizer.")
-    attn_implementation: str = f("sdpa", "Attention kernel: sdpa, eager, flex_attention or flash_attention_2.")
+    attn_implementation: str = f(
+        "sdpa", "Attention kernel: sdpa, eager, flex_attention, flash_attention_2 (needs the flash-attn package), or "
+        "varlen: PyTorch's own variable-length flash kernel over padding-free batches (needs data.packing or "
+        "data.padding_free; lorafit.fastpath).")
     sdpa_cudnn: bool = f(
         False, "Let sdpa use PyTorch's cuDNN attention kernel. Off by default: cuDNN builds a plan for every new batch "
         "shape (~1 s each on an H100), which padded batches of varying length pay again and again.")
@@ -68,7 +71,7 @@ class ModelConfig:
 
     def __post_init__(self):
         _check(bool(self.name.strip()), "model.name", self.name, "must name a hub id or a local folder")
-        allowed = {"sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"}
+        allowed = {"sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "varlen"}
         _check(self.attn_implementation in allowed, "model.attn_implementation", self.attn_implementation,
                f"must be one of {sorted(allowed)}")
 
@@ -156,7 +159,10 @@ class TrainingConfig:
     warmup_ratio: float = f(0.03, "Fraction of steps spent warming up linearly.")
     max_grad_norm: float = f(0.3, "Gradient clipping norm (0 disables).")
     weight_decay: float = f(0.001, "Decoupled weight decay.")
-    optimizer: str = f("paged_adamw_32bit", "A transformers optimizer name (paged_adamw_32bit, adamw_torch, ...).")
+    optimizer: str = f(
+        "paged_adamw_32bit", "A transformers optimizer name (paged_adamw_32bit, adamw_torch, ...), or "
+        "lorafit_adamw_32bit: paged_adamw_32bit's kernel and float32 state, unpaged and without a host-device sync "
+        "per tensor (lorafit.fastpath).")
     gradient_checkpointing: bool | Literal["auto"] = f(
         True, "Recompute activations in backward to save memory; auto = the memory planner (lorafit.plan, --plan) "
         "turns it on only when the run would not fit in the GPU without it."

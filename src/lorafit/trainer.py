@@ -19,6 +19,7 @@ from trl import SFTConfig, SFTTrainer
 from lorafit.checkpoint import CheckpointingMixin
 from lorafit.dist import memory_per_rank
 from lorafit.errors import UserError
+from lorafit.fastpath import LORAFIT_OPTIMIZERS
 from lorafit.layout import Layout
 from lorafit.recipe import Recipe
 
@@ -44,7 +45,8 @@ def build_args(cfg: Recipe, layout: Layout, run_dir: str, has_eval: bool) -> SFT
         warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
         max_grad_norm=t.max_grad_norm,
         weight_decay=t.weight_decay,
-        optim=t.optimizer,
+        # lorafit's own optimizers reach HF as a class (build_trainer); the name here is then unused
+        optim="adamw_torch" if t.optimizer in LORAFIT_OPTIMIZERS else t.optimizer,
         seed=t.seed,
         data_seed=t.seed,
         bf16=on_gpu and cfg.quantization.compute_dtype == "bfloat16",
@@ -88,7 +90,7 @@ def check_optimizer(name: str) -> None:
 
     from transformers.training_args import OptimizerNames
 
-    valid = sorted(o.value for o in OptimizerNames)
+    valid = sorted([o.value for o in OptimizerNames] + list(LORAFIT_OPTIMIZERS))
     if name not in valid:
         close = difflib.get_close_matches(name, valid, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else "e.g. paged_adamw_32bit, adamw_torch"
@@ -233,6 +235,11 @@ def flops_per_token(total_params: int, recompute: bool) -> float:
 def build_trainer(cfg: Recipe, layout: Layout, args: SFTConfig, model, tokenizer, prepared,
                   callbacks) -> LorafitTrainer:
     total = model.get_nb_trainable_parameters()[1]
+    extra = {}
+    if cfg.training.optimizer in LORAFIT_OPTIMIZERS:
+        # HF builds it with its usual parameter groups (weight decay off for norms and biases) and schedule
+        extra["optimizer_cls_and_kwargs"] = (LORAFIT_OPTIMIZERS[cfg.training.optimizer](), {
+            "lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon})
     sft = LorafitTrainer(
         flops_per_token=flops_per_token(total, layout.gradient_checkpointing),
         peak_flops=peak_flops(),
@@ -243,6 +250,7 @@ def build_trainer(cfg: Recipe, layout: Layout, args: SFTConfig, model, tokenizer
         eval_dataset=prepared.eval,
         processing_class=tokenizer,
         callbacks=callbacks,
+        **extra,
     )
     if (args.deepspeed_plugin is not None) != sft.is_deepspeed_enabled:
         # transformers prepared the model for one engine and accelerate set up another (accelerate's CPU path drops

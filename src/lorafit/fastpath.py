@@ -1,0 +1,150 @@
+"""Pieces of the fast path that lorafit writes itself, because the libraries that own the job fall short there.
+
+    accelerate launch src/train.py --recipe llama2_guanaco_fast        # uses both pieces below
+    accelerate launch src/train.py --recipe llama2_guanaco --set data.padding_free=true --set model.attn_implementation=varlen
+
+1. `model.attn_implementation=varlen`: attention over padding-free batches with PyTorch's own variable-length flash
+   kernel (`torch.nn.attention.varlen.varlen_attn`, FlashAttention-2 built into torch). transformers can reach a
+   varlen kernel only through the flash-attn package or hub kernels (neither installs offline or on every CUDA
+   build), and its flex_attention path compiles a block mask per batch (a host-device sync and ~0.8 ms of dynamo
+   call overhead per layer on an H100, docs/benchmarks.md call H). TRL's padding-free collator already computes the
+   sequence boundaries on the CPU (`cu_seq_lens_q`, `max_length_q`), so the kernel needs no sync at all. Batches
+   without those boundaries (padded evaluation batches, generation with a KV cache) go to transformers' sdpa with
+   the mask transformers builds for it. On a CPU the same function attends each packed row separately with sdpa:
+   correct, slow, and there so the path is tested where CI runs.
+2. `training.optimizer=lorafit_adamw_32bit`: bitsandbytes' 32-bit AdamW, the kernel and float32 state of the seed's
+   paged_adamw_32bit, kept in ordinary GPU memory and stepped without bitsandbytes' host-device sync after every
+   tensor. bitsandbytes 0.50 (`optim/optimizer.py`, `Optimizer8bit.step`) calls `torch.cuda.synchronize()` after
+   each parameter, paged or not; the sync is needed only for paged state, whose prefetches are asynchronous. With
+   LoRA on q,v of a 7B that is 128 syncs per optimizer step, each draining the GPU's queue (call H profile).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+# torch is imported inside the functions: lorafit.layout and lorafit.model import this module, and `--print-config`
+# / `--plan` must stay fast.
+ATTN_NAME = "lorafit_varlen"  # the name registered in transformers' attention interfaces
+
+
+def register_varlen_attention() -> str:
+    """Register lorafit's varlen attention with transformers (idempotent); returns the implementation name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, varlen_attention_forward)
+    # The mask for the batches that fall back to sdpa (padded, or decoding with a cache) is exactly sdpa's.
+    AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return ATTN_NAME
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention interface: query/key/value (batch, heads, seq, head_dim) -> (batch, seq, heads,
+    head_dim), None. Runs the varlen kernel on a padding-free batch (batch 1 with `cu_seq_lens_q`)."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if (cu is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or dropout
+            or getattr(module, "sliding_window", None) or kwargs.get("sliding_window")):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    q, k, v = (t.transpose(1, 2)[0] for t in (query, key, value))  # (total tokens, heads, head_dim), views
+    if q.is_cuda:
+        out = _flash_varlen(q, k, v, cu, int(kwargs["max_length_q"]), scale)
+    else:
+        out = _reference_varlen(q, k, v, cu, scale)
+    return out.unsqueeze(0), None
+
+
+def _reference_varlen(q, k, v, cu, scale):
+    """Each packed row attended on its own with sdpa (causal): the semantics of the kernel, for CPUs and tests."""
+    import torch
+
+    bounds = cu.tolist()  # a CPU tensor here: no device sync
+    gqa = q.shape[1] != k.shape[1]
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True, scale=scale,
+            enable_gqa=gqa)
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_available() -> bool:
+    try:
+        _varlen_params()
+    except ImportError:
+        return False
+    return True
+
+
+def _flash_varlen(q, k, v, cu, max_len: int, scale: float):
+    import torch
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = _varlen_params()
+    # torch 2.9-2.11 take is_causal=; later releases express causality as window_size=(-1, 0)
+    kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if "scale" in params:
+        kw["scale"] = scale
+    elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:
+        raise RuntimeError(f"this torch's varlen_attn has no scale argument; the model needs scale {scale}")
+    if k.shape[1] != q.shape[1]:  # grouped-query attention
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    cu = cu if cu.dtype == torch.int32 else cu.to(torch.int32)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
+
+
+@functools.cache
+def adamw_32bit_nosync():
+    """The optimizer class behind `lorafit_adamw_32bit` (built on first use: bitsandbytes imports slowly)."""
+    import bitsandbytes as bnb
+    import torch
+
+    class AdamW32bitNoSync(bnb.optim.AdamW32bit):
+        """bitsandbytes' AdamW32bit with its own state and kernel, unpaged, stepped without a sync per tensor."""
+
+        def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+            super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=32,
+                             is_paged=False)
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            # Optimizer8bit.step of bitsandbytes 0.50 without its sync_gpu(p) calls (see the module docstring); the
+            # kernels it launches are the same, on the same stream, in the same order.
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if not self.initialized:
+                self.check_overrides()
+                self.to_gpu()
+                self.initialized = True
+            for gindex, group in enumerate(self.param_groups):
+                for pindex, p in enumerate(group["params"]):
+                    if p.grad is None:
+                        continue
+                    if len(self.state[p]) == 0:
+                        self.init_state(group, p, gindex, pindex)
+                    self.update_step(group, p, gindex, pindex)
+            return loss
+
+    return AdamW32bitNoSync
+
+
+LORAFIT_OPTIMIZERS = {"lorafit_adamw_32bit": adamw_32bit_nosync}

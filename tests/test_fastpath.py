@@ -1,0 +1,137 @@
+"""lorafit.fastpath on CPU: varlen attention keeps packed rows apart and matches sdpa; the sync-free 32-bit AdamW is
+bitsandbytes' AdamW32bit step for step. The CUDA kernel and the GPU optimizer are checked in tests/test_gpu.py."""
+
+import pytest
+import torch
+from test_trainer_loss import first_batch
+
+from lorafit import fastpath, layout, recipe, trainer
+from lorafit.errors import UserError
+
+
+def tiny_llama(attn: str, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    # grouped-query attention (4 query heads, 2 key/value heads), as SmolLM2 has
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    ref = LlamaForCausalLM(cfg).eval()
+    if attn == "sdpa":
+        return ref
+    m = LlamaForCausalLM._from_config(cfg, attn_implementation=fastpath.register_varlen_attention()).eval()
+    m.load_state_dict(ref.state_dict())
+    return m
+
+
+def packed(lens, seed=1):
+    """Rows of the given lengths, concatenated as TRL's padding-free collator does (with its boundary kwargs)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(3, 100, (n,), generator=g) for n in lens]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    batch = dict(input_ids=torch.cat(rows)[None], position_ids=torch.cat([torch.arange(n) for n in lens])[None],
+                 cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lens), max_length_k=max(lens))
+    return rows, batch
+
+
+def test_packed_rows_attend_only_within_themselves():
+    ours, ref = tiny_llama("varlen"), tiny_llama("sdpa")
+    assert ours.config._attn_implementation == fastpath.ATTN_NAME
+    rows, batch = packed([5, 9, 1, 3])
+    with torch.no_grad():
+        got = ours(**batch).logits[0]
+        alone = torch.cat([ref(input_ids=r[None]).logits[0] for r in rows])  # each row its own forward
+        across = ref(input_ids=batch["input_ids"]).logits[0]  # one causal sequence: rows see earlier rows
+    assert torch.allclose(got, alone, atol=1e-5), (got - alone).abs().max()
+    assert (across - alone).abs().max() > 1e-2  # the check above would catch attention across rows
+
+
+def test_batches_without_boundaries_fall_back_to_sdpa():
+    """Padded batches (evaluation) and decoding with a KV cache (sample answers) take transformers' sdpa path with
+    the mask transformers builds for sdpa."""
+    ours, ref = tiny_llama("varlen"), tiny_llama("sdpa")
+    rows, _ = packed([9, 5])
+    ids = torch.stack([rows[0], torch.cat([rows[1], torch.zeros(4, dtype=torch.long)])])
+    mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4])
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits)
+        left = dict(input_ids=ids.flip(1), attention_mask=mask.flip(1), max_new_tokens=6, do_sample=False)
+        assert torch.equal(ours.generate(**left), ref.generate(**left))
+
+
+def test_varlen_training_loss_is_the_padded_batches_loss(tmp_path, tiny_llama_dir, guanaco_dir):
+    """Through lorafit's own assembly (recipe -> layout -> data/model -> trainer): padding-free batches with varlen
+    attention give the padded batches' loss (float32: only the summation order differs)."""
+    losses = {}
+    for extra in ([], ["data.padding_free=true", "model.attn_implementation=varlen"]):
+        sft, net, batch, _ = first_batch(tmp_path, tiny_llama_dir, guanaco_dir, extra)
+        assert net.config._attn_implementation == (fastpath.ATTN_NAME if extra else "sdpa")
+        assert ("cu_seq_lens_q" in batch) == bool(extra)
+        with torch.no_grad():
+            losses[bool(extra)] = sft.compute_loss(net, dict(batch)).item()
+    assert abs(losses[True] - losses[False]) <= 1e-5 * abs(losses[False]), losses
+
+
+def test_layout_refuses_varlen_without_padding_free_batches():
+    cfg = recipe.load_recipe("llama2_guanaco", ["model.attn_implementation=varlen"])
+    with pytest.raises(UserError, match="model.attn_implementation=varlen runs on padding-free batches"):
+        layout.decide(cfg, env={}, cuda_available=False)
+    fast = recipe.load_recipe("llama2_guanaco_fast")
+    assert fast.model.attn_implementation == "varlen" and fast.data.packing
+    assert layout.decide(fast, env={}, cuda_available=False).attn_implementation == fastpath.ATTN_NAME
+
+
+def _adamw_pair(opt_cls, n=3):
+    """Two identical bf16 parameters (one above bitsandbytes' 1e5 paging threshold) stepped n times."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    base = [torch.randn(400, 300, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16)]
+    out = {}
+    for name, cls in (("bnb", bnb.optim.PagedAdamW32bit), ("ours", opt_cls)):
+        ps = [torch.nn.Parameter(b.clone()) for b in base]
+        opt = cls([{"params": ps[:1], "weight_decay": 0.001}, {"params": ps[1:], "weight_decay": 0.0}], lr=2e-3,
+                  betas=(0.9, 0.999), eps=1e-8)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(n):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            opt.step()
+        out[name] = (ps, opt)
+    return out
+
+
+def test_sync_free_adamw_is_bitsandbytes_adamw_32bit_step_for_step():
+    ours_cls = fastpath.adamw_32bit_nosync()
+    res = _adamw_pair(ours_cls)
+    (pb, ob), (po, oo) = res["bnb"], res["ours"]
+    assert all(torch.equal(a, b) for a, b in zip(pb, po))  # the same kernel on the same inputs: bit-identical
+    for a, b in zip(pb, po):
+        assert oo.state[b]["state1"].dtype == torch.float32  # 32-bit moments for bf16 LoRA weights, as paged's
+        assert torch.equal(ob.state[a]["state1"], oo.state[b]["state1"])
+        assert torch.equal(ob.state[a]["state2"], oo.state[b]["state2"])
+        assert oo.state[b]["step"] == 3
+    assert not getattr(oo.state[po[0]]["state1"], "is_paged", False)
+
+
+def test_sync_free_adamw_never_synchronizes(monkeypatch):
+    import bitsandbytes.optim.optimizer as bnb_opt
+
+    calls = []
+    monkeypatch.setattr(bnb_opt, "sync_gpu", lambda t: calls.append(t))
+    _adamw_pair(fastpath.adamw_32bit_nosync(), n=2)
+    # bitsandbytes' own step synchronizes after each of its 2 tensors (+1 at the end when paged), at each of 2 steps;
+    # ours contributes none
+    assert len(calls) == 6
+
+
+def test_recipe_optimizer_reaches_hf_as_a_class(tmp_path, tiny_llama_dir, guanaco_dir):
+    sft, net, _, _ = first_batch(tmp_path, tiny_llama_dir, guanaco_dir, ["training.optimizer=lorafit_adamw_32bit"])
+    opt = sft.create_optimizer()
+    assert type(opt).__name__ == "AdamW32bitNoSync" and not opt.is_paged
+    n_lora = sum(p.requires_grad for p in net.parameters())
+    per_decay = {g["weight_decay"]: len(g["params"]) for g in opt.param_groups}
+    assert per_decay.get(0.001) == n_lora and not per_decay.get(0.0)  # HF's grouping: LoRA A/B all decay
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-4) and opt.param_groups[0]["betas"] == (0.9, 0.999)
+    with pytest.raises(UserError, match="did you mean"):
+        trainer.check_optimizer("lorafit_adamw_32")
