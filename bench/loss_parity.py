@@ -3,8 +3,8 @@
     . .gpu/env.sh; python3 bench/loss_parity.py --model DIR_OR_GGUF --data $GUANACO_1K --out $OUT/parity --steps 50
 
 The reference is `llama2_guanaco` (seed settings: padded batches, sdpa, gradient checkpointing, no Liger). The other
-side is `llama2_guanaco_fast` with `data.packing=false data.padding_free=true`: every fast-path lever (flex attention
-over padding-free batches, Liger's fused RMSNorm/SwiGLU/RoPE/linear+cross-entropy, no recompute) while each optimizer
+side is `llama2_guanaco_fast` with `data.packing=false data.padding_free=true`: every fast-path lever (varlen flash
+attention over padding-free batches, the sync-free 32-bit AdamW, Liger's fused RMSNorm/SwiGLU/RoPE/linear+cross-entropy, no recompute) while each optimizer
 step sees the same rows in the same order as the reference (same sampler seed). bfd packing regroups rows into other
 steps, so packed runs cannot be compared step by step; only their final loss is listed. Two pairs run: with the
 recipe's LoRA dropout 0.1 (the masks differ between a [4, T] and a [1, N] batch, so this includes dropout noise) and
