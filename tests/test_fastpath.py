@@ -81,30 +81,39 @@ def test_layout_refuses_varlen_without_padding_free_batches():
     assert layout.decide(fast, env={}, cuda_available=False).attn_implementation == fastpath.ATTN_NAME
 
 
-def _adamw_pair(opt_cls, n=3):
-    """Two identical bf16 parameters (one above bitsandbytes' 1e5 paging threshold) stepped n times."""
+def adamw_pair(monkeypatch, device="cpu", n=3):
+    """bitsandbytes' PagedAdamW32bit and lorafit's AdamW32bitNoSync stepped n times from the same two bf16 parameters
+    (one above bitsandbytes' 1e5 paging threshold, one in a group without weight decay) with the same gradients:
+    {"bnb" | "ours": (parameters, optimizer, how many times its steps called bitsandbytes' sync_gpu)}.
+    tests/test_gpu.py runs it on CUDA."""
     import bitsandbytes as bnb
+    import bitsandbytes.optim.optimizer as bnb_opt
 
+    real_sync = bnb_opt.sync_gpu
     torch.manual_seed(0)
-    base = [torch.randn(400, 300, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16)]
+    base = [torch.randn(400, 300, device=device, dtype=torch.bfloat16),
+            torch.randn(64, device=device, dtype=torch.bfloat16)]
+    grads = [[torch.randn_like(b) for b in base] for _ in range(n)]
     out = {}
-    for name, cls in (("bnb", bnb.optim.PagedAdamW32bit), ("ours", opt_cls)):
+    for name, cls in (("bnb", bnb.optim.PagedAdamW32bit), ("ours", fastpath.adamw_32bit_nosync())):
         ps = [torch.nn.Parameter(b.clone()) for b in base]
         opt = cls([{"params": ps[:1], "weight_decay": 0.001}, {"params": ps[1:], "weight_decay": 0.0}], lr=2e-3,
                   betas=(0.9, 0.999), eps=1e-8)
-        g = torch.Generator().manual_seed(1)
-        for _ in range(n):
-            for p in ps:
-                p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        syncs = []
+        monkeypatch.setattr(bnb_opt, "sync_gpu", lambda t, syncs=syncs: (syncs.append(t), real_sync(t)))
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
             opt.step()
-        out[name] = (ps, opt)
+        if device != "cpu":
+            torch.cuda.synchronize()  # host-device sync: the results are read next
+        out[name] = (ps, opt, len(syncs))
     return out
 
 
-def test_sync_free_adamw_is_bitsandbytes_adamw_32bit_step_for_step():
-    ours_cls = fastpath.adamw_32bit_nosync()
-    res = _adamw_pair(ours_cls)
-    (pb, ob), (po, oo) = res["bnb"], res["ours"]
+def test_sync_free_adamw_is_bitsandbytes_adamw_32bit_step_for_step(monkeypatch):
+    res = adamw_pair(monkeypatch)
+    (pb, ob, _), (po, oo, _) = res["bnb"], res["ours"]
     assert all(torch.equal(a, b) for a, b in zip(pb, po))  # the same kernel on the same inputs: bit-identical
     for a, b in zip(pb, po):
         assert oo.state[b]["state1"].dtype == torch.float32  # 32-bit moments for bf16 LoRA weights, as paged's
@@ -115,14 +124,10 @@ def test_sync_free_adamw_is_bitsandbytes_adamw_32bit_step_for_step():
 
 
 def test_sync_free_adamw_never_synchronizes(monkeypatch):
-    import bitsandbytes.optim.optimizer as bnb_opt
-
-    calls = []
-    monkeypatch.setattr(bnb_opt, "sync_gpu", lambda t: calls.append(t))
-    _adamw_pair(fastpath.adamw_32bit_nosync(), n=2)
+    res = adamw_pair(monkeypatch, n=2)
     # bitsandbytes' own step synchronizes after each of its 2 tensors (+1 at the end when paged), at each of 2 steps;
-    # ours contributes none
-    assert len(calls) == 6
+    # ours never
+    assert res["bnb"][2] == 6 and res["ours"][2] == 0
 
 
 def test_recipe_optimizer_reaches_hf_as_a_class(tmp_path, tiny_llama_dir, guanaco_dir):

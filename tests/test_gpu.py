@@ -117,28 +117,10 @@ def test_varlen_kernel_matches_each_row_attended_alone(heads, kv_heads, dim):
 def test_sync_free_adamw_matches_paged_adamw_on_gpu(monkeypatch):
     """lorafit_adamw_32bit is bitsandbytes' 32-bit AdamW kernel: bit-identical parameters and moments to the seed's
     paged_adamw_32bit after several steps on CUDA, with no torch.cuda.synchronize in its step."""
-    import bitsandbytes as bnb
-    import bitsandbytes.optim.optimizer as bnb_opt
+    from test_fastpath import adamw_pair
 
-    from lorafit import fastpath
-
-    torch.manual_seed(0)
-    base = [torch.randn(400, 300, device="cuda", dtype=torch.bfloat16), torch.randn(64, device="cuda",
-                                                                                   dtype=torch.bfloat16)]
-    grads = [[torch.randn_like(b) for b in base] for _ in range(3)]
-    res = {}
-    for cls in (bnb.optim.PagedAdamW32bit, fastpath.adamw_32bit_nosync()):
-        ps = [torch.nn.Parameter(b.clone()) for b in base]
-        opt = cls(ps, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.001)
-        syncs = []
-        monkeypatch.setattr(bnb_opt, "sync_gpu", lambda t, syncs=syncs: (syncs.append(t), torch.cuda.synchronize()))
-        for gs in grads:
-            for p, gr in zip(ps, gs):
-                p.grad = gr.clone()
-            opt.step()
-        torch.cuda.synchronize()
-        res[cls.__name__] = (ps, opt, len(syncs))
-    (pb, ob, nb), (po, oo, no) = res["PagedAdamW32bit"], res["AdamW32bitNoSync"]
+    res = adamw_pair(monkeypatch, device="cuda")
+    (pb, ob, nb), (po, oo, no) = res["bnb"], res["ours"]
     assert nb == 9 and no == 0  # bitsandbytes: one per tensor + one at the end, per step
     assert all(torch.equal(a, b) for a, b in zip(pb, po))
     # paged state is CUDA managed memory that torch sees as a CPU tensor: compare both on the CPU
