@@ -9,6 +9,8 @@ What changes (each lever is a recipe field, measured on and off in docs/benchmar
   sequence boundaries the collator computes on the CPU (lorafit.fastpath; flex_attention is the alternative).
 - training.optimizer=lorafit_adamw_32bit: the seed's 32-bit AdamW kernel and state, unpaged, without
   bitsandbytes' host-device sync after every tensor (lorafit.fastpath).
+- lora.fused: each 4-bit linear and its adapter run as one autograd function, with the LoRA scale and add inside
+  the GEMM (lorafit.fused).
 - training.gradient_checkpointing off: a 7B 4-bit base with batch 4 x 1024 fits in 80 GB without recompute.
 - training.liger_kernels: fused RMSNorm / SwiGLU / RoPE / linear+cross-entropy.
 - training.dataloader_num_workers=2: batches are packed and collated in two worker processes, so the GPU does not wait
@@ -26,9 +28,10 @@ def recipe():
     return r(
         base,
         name="llama2_guanaco_fast",
-        description="llama2_guanaco with packing, varlen flash attention, no recompute, Liger kernels, sync-free AdamW",
+        description="llama2_guanaco with packing, varlen flash attention, fused 4-bit LoRA layers, no recompute, Liger kernels, sync-free AdamW",
         model=r(base.model, attn_implementation="varlen"),
         data=r(base.data, packing=True),
+        lora=r(base.lora, fused=True),
         training=r(base.training, gradient_checkpointing=False, liger_kernels=True, dataloader_num_workers=2,
                    optimizer="lorafit_adamw_32bit"),
         output=r(base.output, dir="runs/llama2_guanaco_fast"),

@@ -78,6 +78,17 @@ def runs(tmp_path_factory, tiny_llama_dir, guanaco_dir) -> dict[str, Path]:
         args = ["--recipe", "llama2_guanaco", *parity_overrides(tiny_llama_dir, guanaco_dir, out[kind], PER_DEVICE)]
         r = run_cli(args, env={**cache, **env}, launcher=accelerate(config))
         assert r.returncode == 0, f"{kind}:\n" + r.stdout[-4000:] + r.stderr[-4000:]
+    # the fused 4-bit layers (lora.fused, on in the fast recipes) under DDP against one process with them
+    fused = ["--set", "lora.fused=true"]
+    out["single_fused"], out["ddp_fused"] = root / "single_fused", root / "ddp_fused"
+    r = run_cli(["--recipe", "llama2_guanaco", *parity_overrides(tiny_llama_dir, guanaco_dir, out["single_fused"],
+                                                                 2 * PER_DEVICE), *fused], env=cache)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    config, env = LAYOUTS["ddp"]
+    r = run_cli(["--recipe", "llama2_guanaco", *parity_overrides(tiny_llama_dir, guanaco_dir, out["ddp_fused"],
+                                                                 PER_DEVICE), *fused],
+                env={**cache, **env}, launcher=accelerate(config))
+    assert r.returncode == 0, "ddp_fused:\n" + r.stdout[-4000:] + r.stderr[-4000:]
     out["cache"] = root / "cache"
     return out
 
@@ -123,6 +134,22 @@ def test_loss_parity_with_one_process_at_twice_the_batch(runs, kind):
     assert spread > 10 * 1e-4, ref_loss  # the check below can tell batches apart
     assert loss == pytest.approx(ref_loss, abs=1e-4)
     assert gn == pytest.approx(ref_gn, rel=1e-2)
+
+
+@distributed
+def test_fused_layers_train_under_ddp_as_in_one_process(runs):
+    """lora.fused under DDP (its gradient hooks fire on the fused function's LoRA gradients) against one process
+    at twice the batch, with the bounds and reasoning of the parity test above; every 4-bit layer was fused."""
+    for kind in ("single_fused", "ddp_fused"):
+        assert read_summary(runs[kind])["fused_4bit_layers"] == {"lora": 4, "frozen": 14}  # 2 layers: q, v + 7 each
+    assert read_summary(runs["single"])["fused_4bit_layers"] == {"lora": 0, "frozen": 0}
+    ref_loss, loss = scalars(runs["single_fused"], "train/loss"), scalars(runs["ddp_fused"], "train/loss")
+    assert len(loss) == len(ref_loss) == STEPS
+    assert loss == pytest.approx(ref_loss, abs=1e-4)
+    assert scalars(runs["ddp_fused"], "train/grad_norm") == pytest.approx(
+        scalars(runs["single_fused"], "train/grad_norm"), rel=1e-2)
+    # and the fused layers compute what PEFT's do (float32 here; PEFT rounds the bf16 adapter's output)
+    assert ref_loss == pytest.approx(scalars(runs["single"], "train/loss"), rel=1e-3)
 
 
 def logits(model_dir: Path, adapter: Path | None):

@@ -126,3 +126,46 @@ def test_sync_free_adamw_matches_paged_adamw_on_gpu(monkeypatch):
     # paged state is CUDA managed memory that torch sees as a CPU tensor: compare both on the CPU
     assert all(torch.equal(ob.state[a]["state2"].cpu(), oo.state[b]["state2"].cpu()) for a, b in zip(pb, po))
     assert not getattr(oo.state[po[0]]["state1"], "is_paged", False)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lora_layer_matches_peft_on_gpu(monkeypatch, dropout):
+    """lora.fused on CUDA in bf16 at a 7B q_proj's size (4096 -> 4096, r=64, 2,048 tokens). Against PEFT's own layer
+    from the same weights. CUDA's nn.Dropout is torch.native_dropout, so with the same seed both draw the same mask;
+    the check against float32 arithmetic on the dequantized weight below does not rely on that."""
+    import bitsandbytes.functional as bnbf
+    from test_fused import count_calls, peft_pair
+
+    ref, ours = peft_pair("cuda", torch.bfloat16, 4096, 4096, r=64, dropout=dropout)
+    calls = count_calls(monkeypatch)
+    x = torch.randn(1, 2048, 4096, device="cuda", dtype=torch.bfloat16)
+    gy = torch.randn(1, 2048, 4096, device="cuda", dtype=torch.bfloat16)
+    res = []
+    for net in (ref, ours):
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(3)
+        y = net(xi)
+        y.backward(gy)
+        res.append([y.detach(), xi.grad, *[p.grad for p in net.parameters() if p.requires_grad]])
+    assert len(calls) == 1
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    for got, want in zip(*res):
+        assert rel(got, want) < 1e-2  # bf16: PEFT rounds the LoRA term three times, the fused layer once
+
+    # float32 arithmetic from the definition, on ours' weights and the mask of the same seeded call
+    layer = ours.base_model.model.proj
+    w = bnbf.dequantize_4bit(layer.base_layer.weight, layer.base_layer.weight.quant_state).float()
+    a, b = layer.lora_A["default"].weight.float(), layer.lora_B["default"].weight.float()
+    torch.manual_seed(3)
+    xf = x.float().requires_grad_(True)
+    if dropout:
+        _, mask = torch.native_dropout(x.reshape(-1, 4096), dropout, True)
+        xd = xf * mask.view(x.shape) / (1 - dropout)
+    else:
+        xd = xf
+    yf = xf @ w.t() + layer.scaling["default"] * (xd @ a.t()) @ b.t()
+    yf.backward(gy.float())
+    assert rel(res[1][0], yf) < 1e-2 and rel(res[1][1], xf.grad) < 1e-2

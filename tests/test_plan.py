@@ -26,6 +26,17 @@ def test_checkpointing_cuts_activations_and_zero3_shards_the_base():
     assert z3.base_gib == pytest.approx(off.base_gib / 4)
 
 
+def test_kept_weights_cost_two_bytes_per_base_parameter():
+    kw = dict(lora_r=64, targets=None, tokens_per_micro_step=4096, gc=False, liger=True)
+    plain, keep = plan.estimate(LLAMA2_7B, **kw), plan.estimate(LLAMA2_7B, keep_dequantized=True, **kw)
+    # 6.476e9 linear params (see above) x 2 B = 12.06 GiB more, all of it activation memory
+    assert keep.activations_gib - plain.activations_gib == pytest.approx(12.06, abs=0.01)
+    assert keep.base_gib == plain.base_gib
+    cfg = recipe.load_recipe("llama2_guanaco_fast", ["quantization.keep_dequantized=true"])
+    assert plan.for_recipe(cfg, LLAMA2_7B).total_gib == pytest.approx(
+        plan.for_recipe(recipe.load_recipe("llama2_guanaco_fast"), LLAMA2_7B).total_gib + 12.06, abs=0.01)
+
+
 @pytest.mark.parametrize(("offload", "measured_gib"), [(False, 5.675), (True, 4.798)])
 def test_lean_estimate_matches_h100_measurements(offload, measured_gib):
     # docs/benchmarks.md, 2026-11-28, one H100: llama2_guanaco_lean (GC on, Liger) on the 7B shape, 4 x 1024 packed

@@ -32,6 +32,9 @@ Why:
   ... have different metadata", huggingface/transformers#47254, deepspeedai/DeepSpeed#4332; TRL forces reentrant in
   this case for the same reason). Input grads are enabled (lorafit.model), which reentrant checkpointing needs to
   propagate gradients through a frozen base.
+- The fused 4-bit layers (lora.fused, lorafit.fused) run on cpu, single, ddp and zero2; ZeRO-3 keeps PEFT's and
+  bitsandbytes' layers, whose sharded weights DeepSpeed gathers through its module hooks. Kept 16-bit weights
+  (quantization.keep_dequantized) need a run without recompute and offloading.
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ class Layout:
     cpu_threads: int | None = None  # set torch's intra-op threads to this (CPU runs of one process)
     sdpa_cudnn: bool = False  # whether sdpa may pick cuDNN's attention kernel (GPU runs with attn sdpa)
     attn_implementation: str = "sdpa"  # the name handed to transformers (model.attn_implementation, resolved)
+    fused_4bit: bool = False  # lorafit.fused swaps the 4-bit linears (lora.fused, where the layout allows it)
+    keep_dequantized: bool = False  # ... and keeps their 16-bit weights for the backward
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -262,6 +267,22 @@ def decide(
         gpu_gib = gpu_gib if gpu_gib is not None or on_cpu else plan.smallest_gpu_gib()
         gc = plan.choose_checkpointing(cfg, shape, gpu_gib, world, kind == "zero3")
         notes.append(f"gradient checkpointing {'on' if gc else 'off'}: chosen by the memory planner (--plan)")
+    fused, keep = cfg.lora.fused and q.load_in_4bit, q.keep_dequantized
+    if keep and not cfg.lora.fused:
+        raise UserError("quantization.keep_dequantized=true needs lora.fused=true (the fused layers keep the "
+                        "weights); set both, or neither")
+    if fused and kind == "zero3":
+        # ZeRO-3 gathers each 4-bit shard around the module's forward and backward through its own hooks; the
+        # fused function has only been checked against the unsharded layouts, so ZeRO-3 keeps PEFT's layers.
+        fused = keep = False
+        notes.append("lora.fused off under ZeRO-3: PEFT's and bitsandbytes' own layers run there")
+    if keep and (t.gradient_checkpointing is True or t.activation_offloading):
+        raise UserError(
+            "quantization.keep_dequantized=true keeps 16-bit weights as activations, which gradient checkpointing "
+            "would recompute and activation offloading would copy to the host; set it to false, or turn both off")
+    if keep and gc:
+        keep = False
+        notes.append("quantization.keep_dequantized off: the memory planner turned gradient checkpointing on")
 
     return Layout(
         kind=kind,
@@ -283,6 +304,8 @@ def decide(
         # Without it sdpa takes its memory-efficient or flash kernel, which need no plan.
         sdpa_cudnn=cfg.model.sdpa_cudnn,
         attn_implementation=attn,
+        fused_4bit=fused,
+        keep_dequantized=keep,
         notes=notes,
     )
 

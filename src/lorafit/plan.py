@@ -16,6 +16,7 @@ Per process, in bytes:
   plus one layer being recomputed. With activation offloading what is kept goes to CPU memory: one layer's
   activations stay, plus two layer inputs in flight on the copy streams (2026-11-28, llama2_guanaco_lean on the 7B
   shape: 5.68 GiB without offloading, 4.80 GiB with it).
+- kept weights (`quantization.keep_dequantized`, no checkpointing): every 4-bit linear's 16-bit weight, 2 B/param.
 The numbers are estimates (allocator fragmentation and library workspaces vary by ~10%); --plan says so.
 """
 
@@ -66,7 +67,8 @@ class Estimate:
 
 def estimate(shape: Shape, *, lora_r: int, targets: list[str] | None, tokens_per_micro_step: int, gc: bool,
              liger: bool, world: int = 1, zero3: bool = False, double_quant: bool = False,
-             load_in_4bit: bool = True, dtype_bytes: int = 2, offload: bool = False) -> Estimate:
+             load_in_4bit: bool = True, dtype_bytes: int = 2, offload: bool = False,
+             keep_dequantized: bool = False) -> Estimate:
     lin = shape.linear_shapes()
     linear_params = shape.layers * sum(i * o for i, o in lin.values())
     other_params = 2 * shape.vocab * shape.hidden + shape.layers * 2 * shape.hidden + shape.hidden
@@ -87,6 +89,8 @@ def estimate(shape: Shape, *, lora_r: int, targets: list[str] | None, tokens_per
         act = tokens_per_micro_step * (shape.layers * shape.hidden * 2.0 + per_layer_token)
     else:
         act = tokens_per_micro_step * shape.layers * per_layer_token
+        if keep_dequantized and load_in_4bit:
+            act += linear_params * dtype_bytes / (world if zero3 else 1)
     return Estimate(base / GIB, lora / GIB, act / GIB, gc, tokens_per_micro_step)
 
 
@@ -97,7 +101,8 @@ def for_recipe(cfg, shape: Shape, world: int = 1, zero3: bool = False, gc: bool 
         tokens_per_micro_step=t.per_device_batch_size * cfg.data.max_length,  # the worst case: full rows
         gc=bool(t.gradient_checkpointing) if gc is None else gc, liger=t.liger_kernels, world=world,
         zero3=zero3, double_quant=cfg.quantization.double_quant, load_in_4bit=cfg.quantization.load_in_4bit,
-        dtype_bytes=4 if cfg.quantization.compute_dtype == "float32" else 2, offload=t.activation_offloading)
+        dtype_bytes=4 if cfg.quantization.compute_dtype == "float32" else 2, offload=t.activation_offloading,
+        keep_dequantized=cfg.quantization.keep_dequantized and cfg.lora.fused)
 
 
 def choose_checkpointing(cfg, shape: Shape, gpu_gib: float | None, world: int = 1, zero3: bool = False) -> bool:

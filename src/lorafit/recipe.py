@@ -85,6 +85,11 @@ class QuantizationConfig:
     quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = f(
         "auto", "Storage dtype of packed 4-bit weights; auto lets the layout decide (ZeRO-3 needs the compute dtype)."
     )
+    keep_dequantized: bool = f(
+        False, "With lora.fused: keep each 4-bit layer's 16-bit weight from the forward for the backward instead of "
+        "dequantizing it twice (+2 bytes per base parameter of GPU memory; only without gradient checkpointing and "
+        "activation offloading)."
+    )
 
 
 @dataclass
@@ -96,6 +101,10 @@ class LoraConfig:
     target_modules: list[str] | None = f(
         None, "Modules that get adapters; unset = PEFT's default for the architecture (q_proj,v_proj for Llama); "
         "'all-linear' = every linear layer but the output head."
+    )
+    fused: bool = f(
+        False, "Run each 4-bit linear and its adapter as one autograd function (lorafit.fused): dequantize, base "
+        "matmul, dropout and the LoRA matmuls, with the scale and the add inside the GEMM; PEFT's layers otherwise."
     )
 
     def __post_init__(self):

@@ -20,6 +20,7 @@ from lorafit.checkpoint import CheckpointingMixin
 from lorafit.dist import memory_per_rank
 from lorafit.errors import UserError
 from lorafit.fastpath import LORAFIT_OPTIMIZERS
+from lorafit.fused import counts as fused_counts
 from lorafit.layout import Layout
 from lorafit.recipe import Recipe
 
@@ -283,6 +284,7 @@ def write_summary(run_dir: Path, cfg: Recipe, layout: Layout, trainer: LorafitTr
         "world_size": layout.world_size,
         "effective_batch": layout.effective_batch,
         "trainable_parameters": trainable,
+        "fused_4bit_layers": fused_counts(trainer.model) if layout.fused_4bit else {"lora": 0, "frozen": 0},
         "data": {k: v for k, v in vars(prepared.stats).items() if k != "skipped_examples"},
     }
     summary.update(memory_per_rank(trainer.model))  # collective: every rank's peak and parameter bytes, by rank

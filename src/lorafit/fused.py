@@ -1,0 +1,190 @@
+"""Fused NF4 linears: dequantize, base matmul, LoRA dropout and the LoRA matmuls as one autograd function.
+
+    accelerate launch src/train.py --recipe llama2_guanaco_fast                 # lora.fused=true is the recipe's
+    accelerate launch src/train.py --recipe llama2_guanaco_fast --set lora.fused=false        # PEFT's own layers
+
+Why lorafit writes this (PEFT 0.21 and bitsandbytes 0.50 own the layers and stay the owners of the weights, the
+adapter files and every path this does not cover): a PEFT LoRA layer over a bitsandbytes 4-bit linear runs the base
+matmul through bitsandbytes' autograd function, clones its output ("defensively", peft/tuners/lora/bnb.py), runs
+dropout, lora_A and lora_B as three modules, multiplies by the scale and adds. Per layer that is five full passes over
+the (tokens x out_features) output beyond the matmuls, their backward twins, and ~15 Python-level modules and
+autograd nodes. Here the scale and the add go into the GEMM's epilogue (`out.addmm_(h, B.t(), alpha=scale)`), the
+scale of the backward is folded into the skinny (tokens x r) tensor, and the LoRA input gradient is accumulated into
+the base's in place. The same arithmetic on the same weights, rounded once instead of three times.
+
+Frozen 4-bit linears (no adapter) get the same function without the LoRA half: dequantize + matmul forward,
+dequantize + matmul backward, as bitsandbytes does, with less Python in between.
+
+`quantization.keep_dequantized=true` additionally keeps each layer's 16-bit weight from the forward for the backward,
+skipping the second dequantize (2 bytes per base parameter of extra activation memory; lorafit.layout allows it only
+without gradient checkpointing and activation offloading, under which the kept weights would be recomputed or copied
+to the host).
+
+The fused function runs only where it computes exactly what PEFT would: training with grad enabled, one active
+vanilla LoRA adapter (no DoRA or other variant, no lora bias, not merged, adapters enabled), no extra forward
+arguments, and the adapter's dtype equal to the activations' (bf16 after TRL's cast on a GPU) or float32 activations
+(a CPU run, whose bf16 adapter is then computed in float32: the same arithmetic, rounded less). Anything else, and
+every no-grad call (evaluation, generation: bitsandbytes has fast inference kernels for few tokens), goes to the
+library's own forward.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+def _dequantize(weight, dtype):
+    import bitsandbytes.functional as bnbf
+
+    w = bnbf.dequantize_4bit(weight, weight.quant_state)  # (out, in) in the quant state's dtype
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+@functools.cache
+def _function_class():
+    import torch
+
+    class NF4LoRALinear(torch.autograd.Function):
+        """y = x W^T (+ bias) + scale * dropout(x) A^T B^T, with W dequantized from NF4 on the fly. A, B None: y = x W^T.
+
+        Saved for the backward: the dropped-out input and h = dropout(x) A^T (what lora_A and lora_B save in PEFT),
+        the dropout mask, and the 4-bit weight (a parameter, not a copy), or the 16-bit weight when keep is set.
+        """
+
+        @staticmethod
+        def forward(ctx, x, lora_a, lora_b, weight, bias, scale: float, p: float, keep: bool):
+            w = _dequantize(weight, x.dtype)
+            x2 = x.reshape(-1, x.shape[-1])
+            out = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x2, w.t())
+            xd = mask = h = a = b = None
+            if lora_a is not None:
+                a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # no-ops when the dtypes match (a GPU run)
+                if p > 0.0:
+                    xd, mask = torch.native_dropout(x2, p, True)
+                else:
+                    xd = x2
+                h = torch.mm(xd, a.t())  # (tokens, r)
+                out.addmm_(h, b.t(), alpha=scale)  # the scale and the add ride in the GEMM epilogue
+            ctx.scale, ctx.p, ctx.weight, ctx.has_bias = scale, p, weight, bias is not None
+            ctx.adapter_dtype = None if lora_a is None else lora_a.dtype
+            ctx.save_for_backward(xd, mask, h, a, b, w if keep else None)
+            return out.view(*x.shape[:-1], out.shape[-1])
+
+        @staticmethod
+        def backward(ctx, g):
+            xd, mask, h, a, b, w = ctx.saved_tensors
+            g2 = g.reshape(-1, g.shape[-1])
+            need_x, need_a, need_b, _, need_bias = ctx.needs_input_grad[:5]
+            gx = ga = gb = gbias = None
+            if need_x:
+                w = _dequantize(ctx.weight, g2.dtype) if w is None else w
+                gx = torch.mm(g2, w)  # (tokens, in)
+            if a is not None and (need_x or need_a or need_b):
+                s = ctx.scale
+                if need_b:
+                    gb = torch.mm(g2.t(), h).mul_(s).to(ctx.adapter_dtype)  # (out, r)
+                gh = torch.mm(g2, b).mul_(s)  # (tokens, r): the scale folded into the skinny tensor
+                if need_a:
+                    ga = torch.mm(gh.t(), xd).to(ctx.adapter_dtype)  # (r, in)
+                if need_x:
+                    if mask is None:
+                        gx.addmm_(gh, a)
+                    else:  # dropout's backward: the kept entries, scaled by 1 / (1 - p), added in place
+                        gx.addcmul_(torch.mm(gh, a), mask, value=1.0 / (1.0 - ctx.p))
+            if need_bias and ctx.has_bias:
+                gbias = g2.sum(0)
+            if gx is not None:
+                gx = gx.view(*g.shape[:-1], gx.shape[-1])
+            return gx, ga, gb, None, gbias, None, None, None
+
+    return NF4LoRALinear
+
+
+@functools.cache
+def _classes():
+    """Subclasses of PEFT's and bitsandbytes' 4-bit layers whose forward takes the fused path when it applies.
+    Built on first use (bitsandbytes and peft import slowly); install() swaps a module's class to one of them, so
+    isinstance checks, state dicts, adapter saving and repr are PEFT's and bitsandbytes' own."""
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    fn = _function_class()
+
+    def plain_4bit(layer, x) -> bool:
+        w = layer.weight
+        return (getattr(w, "quant_state", None) is not None and not getattr(w.quant_state, "packing_format_for_cpu",
+                                                                           False)
+                and layer.compute_dtype in (None, x.dtype) and x.dtype in (torch.bfloat16, torch.float16,
+                                                                          torch.float32)
+                and (not torch.is_autocast_enabled(x.device.type)
+                     or torch.get_autocast_dtype(x.device.type) == x.dtype))
+
+    class FusedFrozen4bit(bnb.nn.Linear4bit):
+        keep_dequantized = False
+
+        def forward(self, x):
+            if not torch.is_grad_enabled():
+                return super().forward(x)
+            fix_4bit_weight_quant_state_from_module(self)
+            if not plain_4bit(self, x) or (self.bias is not None and self.bias.requires_grad):
+                return super().forward(x)
+            return fn.apply(x, None, None, self.weight, self.bias, 1.0, 0.0, self.keep_dequantized)
+
+    class FusedLoRA4bit(PeftLinear4bit):
+        keep_dequantized = False
+
+        def forward(self, x, *args, **kwargs):
+            base = self.base_layer
+            if args or kwargs or not torch.is_grad_enabled() or self.disable_adapters or self.merged:
+                return super().forward(x, *args, **kwargs)
+            active = self.active_adapters
+            if len(active) != 1 or active[0] not in self.lora_A or active[0] in self.lora_variant:
+                return super().forward(x, *args, **kwargs)
+            name = active[0]
+            a, b = self.lora_A[name], self.lora_B[name]
+            fix_4bit_weight_quant_state_from_module(base)
+            # PEFT computes the adapter in its own dtype. Equal dtypes (a GPU run: TRL casts adapters to bf16) or
+            # float32 activations (CPU runs; the adapter is upcast, which only rounds less) take the fused path.
+            if (not plain_4bit(base, x) or a.weight.dtype != b.weight.dtype
+                    or (a.weight.dtype != x.dtype and x.dtype != torch.float32) or b.bias is not None or a.bias is not None
+                    or (base.bias is not None and base.bias.requires_grad)):
+                return super().forward(x, *args, **kwargs)
+            drop = self.lora_dropout[name]
+            p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+            return fn.apply(x, a.weight, b.weight, base.weight, base.bias, float(self.scaling[name]), p,
+                            self.keep_dequantized)
+
+    return FusedFrozen4bit, FusedLoRA4bit
+
+
+def counts(model) -> dict[str, int]:
+    """How many of `model`'s modules install() switched, by kind (summary.json's fused_4bit_layers)."""
+    names = {"FusedLoRA4bit": "lora", "FusedFrozen4bit": "frozen"}
+    got = {"lora": 0, "frozen": 0}
+    for m in model.modules():
+        kind = names.get(type(m).__name__)
+        if kind and type(m).__module__ == __name__:
+            got[kind] += 1
+    return got
+
+
+def install(model, keep_dequantized: bool = False) -> dict[str, int]:
+    """Switch every 4-bit linear of `model` (a PEFT model) to the fused forward; returns how many of each kind."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    frozen_cls, lora_cls = _classes()
+    counts = {"lora": 0, "frozen": 0}
+    for m in model.modules():
+        if type(m) is PeftLinear4bit:
+            m.__class__ = lora_cls
+            counts["lora"] += 1
+        elif type(m) is bnb.nn.Linear4bit:
+            m.__class__ = frozen_cls
+            counts["frozen"] += 1
+        else:
+            continue
+        m.keep_dequantized = keep_dequantized
+    return counts
