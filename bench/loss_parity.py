@@ -4,7 +4,7 @@
 
 The reference is `llama2_guanaco` (seed settings: padded batches, sdpa, gradient checkpointing, no Liger). The other
 side is `llama2_guanaco_fast` with `data.packing=false data.padding_free=true`: every fast-path lever (varlen flash
-attention over padding-free batches, the sync-free 32-bit AdamW, Liger's fused RMSNorm/SwiGLU/RoPE/linear+cross-entropy, no recompute) while each optimizer
+attention over padding-free batches, the fused 4-bit LoRA layers, the sync-free 32-bit AdamW, Liger's fused RMSNorm/SwiGLU/RoPE/linear+cross-entropy, no recompute) while each optimizer
 step sees the same rows in the same order as the reference (same sampler seed). bfd packing regroups rows into other
 steps, so packed runs cannot be compared step by step; only their final loss is listed. Two pairs run: with the
 recipe's LoRA dropout 0.1 (the masks differ between a [4, T] and a [1, N] batch, so this includes dropout noise) and
