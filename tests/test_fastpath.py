@@ -1,6 +1,8 @@
 """lorafit.fastpath on CPU: varlen attention keeps packed rows apart and matches sdpa; the sync-free 32-bit AdamW is
 bitsandbytes' AdamW32bit step for step. The CUDA kernel and the GPU optimizer are checked in tests/test_gpu.py."""
 
+import io
+
 import pytest
 import torch
 from test_trainer_loss import first_batch
@@ -81,53 +83,84 @@ def test_layout_refuses_varlen_without_padding_free_batches():
     assert layout.decide(fast, env={}, cuda_available=False).attn_implementation == fastpath.ATTN_NAME
 
 
-def adamw_pair(monkeypatch, device="cpu", n=3):
-    """bitsandbytes' PagedAdamW32bit and lorafit's AdamW32bitNoSync stepped n times from the same two bf16 parameters
-    (one above bitsandbytes' 1e5 paging threshold, one in a group without weight decay) with the same gradients:
-    {"bnb" | "ours": (parameters, optimizer, how many times its steps called bitsandbytes' sync_gpu)}.
-    tests/test_gpu.py runs it on CUDA."""
+def adamw_pair(monkeypatch, device="cpu", n=3, drop=None, reload_after=None):
+    """bitsandbytes' PagedAdamW32bit and lorafit's AdamW32bitNoSync stepped n times from the same bf16 parameters
+    with the same gradients: two groups as HF builds them (weight decay 0.001 on a 400 x 300 tensor, above
+    bitsandbytes' 1e5 paging threshold, and a 64 x 48 one; none on two vectors). `drop=(step, i)` leaves parameter i
+    without a gradient at that step (0-based); `reload_after=k` saves ours after step k and continues in a fresh
+    optimizer loaded from that state dict, as a resume does. Returns {"bnb" | "ours": (parameters, optimizer, how
+    many times its steps called bitsandbytes' sync_gpu, how many update kernels it launched)}. tests/test_gpu.py
+    runs it on CUDA."""
     import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
     import bitsandbytes.optim.optimizer as bnb_opt
 
-    real_sync = bnb_opt.sync_gpu
+    real_sync, real_update = bnb_opt.sync_gpu, bnbf.optimizer_update_32bit
     torch.manual_seed(0)
-    base = [torch.randn(400, 300, device=device, dtype=torch.bfloat16),
-            torch.randn(64, device=device, dtype=torch.bfloat16)]
+    shapes = [(400, 300), (64, 48), (64,), (32,)]
+    base = [torch.randn(sh, device=device, dtype=torch.bfloat16) for sh in shapes]
     grads = [[torch.randn_like(b) for b in base] for _ in range(n)]
     out = {}
     for name, cls in (("bnb", bnb.optim.PagedAdamW32bit), ("ours", fastpath.adamw_32bit_nosync())):
         ps = [torch.nn.Parameter(b.clone()) for b in base]
-        opt = cls([{"params": ps[:1], "weight_decay": 0.001}, {"params": ps[1:], "weight_decay": 0.0}], lr=2e-3,
-                  betas=(0.9, 0.999), eps=1e-8)
-        syncs = []
+
+        def make(ps=ps, cls=cls):
+            return cls([{"params": ps[:2], "weight_decay": 0.001}, {"params": ps[2:], "weight_decay": 0.0}],
+                       lr=2e-3, betas=(0.9, 0.999), eps=1e-8)
+
+        opt = make()
+        syncs, updates = [], []
         monkeypatch.setattr(bnb_opt, "sync_gpu", lambda t, syncs=syncs: (syncs.append(t), real_sync(t)))
-        for gs in grads:
-            for p, g in zip(ps, gs):
-                p.grad = g.clone()
+        monkeypatch.setattr(bnbf, "optimizer_update_32bit",
+                            lambda *a, updates=updates, **k: (updates.append(1), real_update(*a, **k))[1])
+        for k, gs in enumerate(grads):
+            for i, (p, g) in enumerate(zip(ps, gs)):
+                p.grad = None if drop == (k, i) else g.clone()
             opt.step()
+            if name == "ours" and reload_after == k + 1:  # through torch.save and torch.load, as HF's optimizer.pt
+                buf = io.BytesIO()
+                torch.save(opt.state_dict(), buf)
+                buf.seek(0)
+                opt = make()
+                opt.load_state_dict(torch.load(buf, weights_only=False))
         if device != "cpu":
             torch.cuda.synchronize()  # host-device sync: the results are read next
-        out[name] = (ps, opt, len(syncs))
+        out[name] = (ps, opt, len(syncs), len(updates))
     return out
+
+
+def assert_same_adamw(res, steps):
+    (pb, ob, _, _), (po, oo, _, _) = res["bnb"], res["ours"]
+    assert all(torch.equal(a, b) for a, b in zip(pb, po))  # the same kernel on the same inputs: bit-identical
+    for a, b in zip(pb, po):
+        assert oo.state[b]["state1"].dtype == torch.float32  # 32-bit moments for bf16 LoRA weights, as paged's
+        assert torch.equal(ob.state[a]["state1"].cpu(), oo.state[b]["state1"].cpu())
+        assert torch.equal(ob.state[a]["state2"].cpu(), oo.state[b]["state2"].cpu())
+        assert oo.state[b]["step"] == ob.state[a]["step"] == steps[b.shape]
+    assert not getattr(oo.state[po[0]]["state1"], "is_paged", False)
 
 
 def test_sync_free_adamw_is_bitsandbytes_adamw_32bit_step_for_step(monkeypatch):
     res = adamw_pair(monkeypatch)
-    (pb, ob, _), (po, oo, _) = res["bnb"], res["ours"]
-    assert all(torch.equal(a, b) for a, b in zip(pb, po))  # the same kernel on the same inputs: bit-identical
-    for a, b in zip(pb, po):
-        assert oo.state[b]["state1"].dtype == torch.float32  # 32-bit moments for bf16 LoRA weights, as paged's
-        assert torch.equal(ob.state[a]["state1"], oo.state[b]["state1"])
-        assert torch.equal(ob.state[a]["state2"], oo.state[b]["state2"])
-        assert oo.state[b]["step"] == 3
-    assert not getattr(oo.state[po[0]]["state1"], "is_paged", False)
+    assert_same_adamw(res, {sh: 3 for sh in [(400, 300), (64, 48), (64,), (32,)]})
+    # bitsandbytes launches one update per tensor per step; ours one per group (2 groups of 2 tensors here)
+    assert res["bnb"][3] == 4 * 3 and res["ours"][3] == 2 * 3
+
+
+def test_sync_free_adamw_with_a_missing_gradient_and_a_resume(monkeypatch):
+    """A step where one tensor has no gradient (bitsandbytes leaves it untouched: its group takes the per-tensor path
+    from then on, as its tensors' step counts differ), and a state dict saved and loaded between steps."""
+    res = adamw_pair(monkeypatch, n=4, drop=(1, 3), reload_after=2)
+    assert_same_adamw(res, {(400, 300): 4, (64, 48): 4, (64,): 4, (32,): 3})
+    # ours: group 0 flat at every step (4); group 1 flat at step 1 (1), per-tensor at steps 2-4 (1 + 2 + 2)
+    assert res["ours"][3] == 4 + 1 + 1 + 2 + 2
 
 
 def test_sync_free_adamw_never_synchronizes(monkeypatch):
     res = adamw_pair(monkeypatch, n=2)
-    # bitsandbytes' own step synchronizes after each of its 2 tensors (+1 at the end when paged), at each of 2 steps;
+    # bitsandbytes' own step synchronizes after each of its 4 tensors (+1 at the end when paged), at each of 2 steps;
     # ours never
-    assert res["bnb"][2] == 6 and res["ours"][2] == 0
+    assert res["bnb"][2] == 10 and res["ours"][2] == 0
 
 
 def test_recipe_optimizer_reaches_hf_as_a_class(tmp_path, tiny_llama_dir, guanaco_dir):

@@ -116,16 +116,17 @@ def test_varlen_kernel_matches_each_row_attended_alone(heads, kv_heads, dim):
 
 def test_sync_free_adamw_matches_paged_adamw_on_gpu(monkeypatch):
     """lorafit_adamw_32bit is bitsandbytes' 32-bit AdamW kernel: bit-identical parameters and moments to the seed's
-    paged_adamw_32bit after several steps on CUDA, with no torch.cuda.synchronize in its step."""
-    from test_fastpath import adamw_pair
+    paged_adamw_32bit after several steps on CUDA (each group stepped as one flat tensor), with no
+    torch.cuda.synchronize in its step; and with a missing gradient and a resume between steps."""
+    from test_fastpath import adamw_pair, assert_same_adamw
 
     res = adamw_pair(monkeypatch, device="cuda")
-    (pb, ob, nb), (po, oo, no) = res["bnb"], res["ours"]
-    assert nb == 9 and no == 0  # bitsandbytes: one per tensor + one at the end, per step
-    assert all(torch.equal(a, b) for a, b in zip(pb, po))
-    # paged state is CUDA managed memory that torch sees as a CPU tensor: compare both on the CPU
-    assert all(torch.equal(ob.state[a]["state2"].cpu(), oo.state[b]["state2"].cpu()) for a, b in zip(pb, po))
-    assert not getattr(oo.state[po[0]]["state1"], "is_paged", False)
+    assert res["bnb"][2] == 15 and res["ours"][2] == 0  # bitsandbytes: one per tensor + one at the end, per step
+    assert res["bnb"][3] == 12 and res["ours"][3] == 6  # update kernels: one per tensor, one per group
+    # paged state is CUDA managed memory that torch sees as a CPU tensor: assert_same_adamw compares on the CPU
+    assert_same_adamw(res, {sh: 3 for sh in [(400, 300), (64, 48), (64,), (32,)]})
+    res = adamw_pair(monkeypatch, device="cuda", n=4, drop=(1, 3), reload_after=2)
+    assert_same_adamw(res, {(400, 300): 4, (64, 48): 4, (64,): 4, (32,): 3})
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -121,6 +121,26 @@ def test_sigusr1_stop_then_kill_9_mid_save_then_resume_is_bit_exact(tmp_path, st
 
 
 @pytest.mark.slow
+def test_fast_path_optimizer_and_fused_layers_resume_bit_exact(tmp_path, tiny_llama_dir, guanaco_dir):
+    """The fast recipe's own pieces on CPU: the sync-free AdamW, whose moments live in one flat buffer per group
+    (saved per parameter as views of it), and the fused 4-bit layers, stopped at step 3 and resumed, against an
+    uninterrupted run with them; a NaN step on the way is skipped (every gradient dropped) on both."""
+    fast = ("training.optimizer=lorafit_adamw_32bit", "lora.fused=true")
+    nan = {"LORAFIT_TEST_NAN_AT": "0:5"}
+    ref, out = tmp_path / "straight", tmp_path / "run"
+    r = train(tiny_llama_dir, guanaco_dir, ref, *fast, env=nan)
+    assert r.returncode == 0, out_of(r)
+    r = train(tiny_llama_dir, guanaco_dir, out, *fast, env={**nan, "LORAFIT_TEST_SIGNAL_AT": "0:3"})
+    assert r.returncode == 75, out_of(r)
+    r = train(tiny_llama_dir, guanaco_dir, out, *fast, env=nan)
+    assert r.returncode == 0, out_of(r)
+    assert_same_training(ref, out)
+    s = read_summary(out)
+    assert (s["resumed_at_step"], s["skipped_steps"], s["fused_4bit_layers"]["lora"]) == (3, 1, 4)
+    assert s["optimizer_steps_per_rank"] == [STEPS - 1]
+
+
+@pytest.mark.slow
 def test_consecutive_nonfinite_steps_stop_with_the_last_good_checkpoint(tmp_path, tiny_llama_dir, guanaco_dir):
     out = tmp_path / "run"
     r = train(
