@@ -22,6 +22,7 @@ epoch() {  # $1: tag
   say "epoch $1: rc=$? launch-to-exit $(python3 -c "print(round($(date +%s.%N)-$t0,1))") s; $(grep -E 'time:' $OUT/epoch-$1.log | cut -c1-160)"
   cp /tmp/epoch-$1/summary.json $OUT/epoch-$1-summary.json 2>/dev/null
 }
+epoch box
 echo 'import time; print(time.time())' > /tmp/child.py
 unset PYTHONDONTWRITEBYTECODE; export PYTHONPYCACHEPREFIX=/tmp/pyc
 python3 src/train.py --recipe llama2_guanaco_fast --set model.name=$M --print-config > /dev/null 2>&1
