@@ -384,3 +384,38 @@ def test_cache_key_follows_data_tokenizer_and_files(prepared_setup, tmp_path):
     assert dist.cache_path(moved, tok) != before
     tok.pad_token = tok.eos_token if tok.pad_token != tok.eos_token else tok.bos_token
     assert dist.cache_path(cfg, tok) != key
+
+
+def test_one_process_reuses_an_earlier_runs_rows(prepared_setup, tmp_path, monkeypatch, caplog):
+    """data.cache: a second single-process run with the same key loads the rows instead of tokenizing; a changed
+    file, data.cache=false, a hub id or a damaged entry tokenize again."""
+    import dataclasses
+
+    from lorafit import data, dist
+
+    cfg, tok = prepared_setup
+    real = data.prepare
+    calls = []
+    monkeypatch.setattr(data, "prepare", lambda *a: (calls.append(1), real(*a))[1])
+    first = dist.prepare_data(cfg, tok, is_local_main=True)
+    again = dist.prepare_data(cfg, tok, is_local_main=True)
+    assert len(calls) == 1 and again.train.to_dict() == first.train.to_dict() and again.stats == first.stats
+    dist.prepare_data(dataclasses.replace(cfg, cache=False), tok, is_local_main=True)
+    assert len(calls) == 2
+    files = sorted(Path(cfg.path).rglob("*.parquet"))
+    copy = tmp_path / "data"
+    copy.mkdir()
+    (copy / files[0].name).write_bytes(files[0].read_bytes())
+    moved = dataclasses.replace(cfg, path=str(copy))
+    dist.prepare_data(moved, tok, is_local_main=True)
+    os.utime(copy / files[0].name, ns=(0, 0))  # the file changed (as far as its time says): a new key
+    dist.prepare_data(moved, tok, is_local_main=True)
+    assert len(calls) == 4
+    assert not dist.cacheable_across_runs(dataclasses.replace(cfg, path="mlabonne/guanaco-llama2-1k"))
+    assert dist.cacheable_across_runs(dataclasses.replace(cfg, path="synthetic:reverse"))
+    (dist.cache_path(cfg, tok) / "meta.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="lorafit"):
+        redone = dist.prepare_data(cfg, tok, is_local_main=True)
+    assert len(calls) == 5 and redone.train.to_dict() == first.train.to_dict()
+    assert "could not read the cached rows" in caplog.text
+    assert (dist.cache_path(cfg, tok) / "meta.json").read_text().startswith("{\"stats\"")  # rewritten whole

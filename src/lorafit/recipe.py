@@ -145,6 +145,10 @@ class DataConfig:
         False, "Concatenate each micro-batch's rows into one sequence instead of padding them (no attention across "
         "rows): the same rows per step as padded batches, without the pad compute. Packing implies it."
     )
+    cache: bool = f(
+        True, "Keep the tokenized rows of local files and synthetic data under LORAFIT_CACHE (~/.cache/lorafit), keyed "
+        "by this section, the tokenizer, the files' sizes and times and lorafit's formatting code; a later run with "
+        "the same key loads them instead of tokenizing again. Hub datasets are tokenized every run.")
     max_rows: int | None = f(None, "Read at most this many rows (unset: all).")
     synthetic_rows: int = f(2000, "Rows generated for 'synthetic:<task>' data.")
     seed: int = f(42, "Seed of the eval split and of synthetic data.")
