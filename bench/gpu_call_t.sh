@@ -6,6 +6,8 @@
 #      every process), then again with bytecode cached the way a pip install has it: PYTHONDONTWRITEBYTECODE unset and
 #      PYTHONPYCACHEPREFIX on a writable folder that a first launch fills (call R set only the prefix: nothing was
 #      written, and the .pyc files transformers ships were ignored)
+# The throughput runs before it tokenize guanaco with the same data settings, so both epochs load the rows from
+# data.cache (a repeat run's start-up; the epochs of calls K-P tokenized).
 # run: . .gpu/env.sh; bash bench/gpu_call_t.sh     (carry [".gpu"]; needs call S's /tmp/llama2-7b-random)
 set -uo pipefail
 T0=$(date +%s); say() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a $OUT/t.txt; }
