@@ -107,3 +107,12 @@ def test_unknown_optimizer_is_a_user_error(tmp_path):
     assert r.stderr.strip() == ("lorafit: error: training.optimizer='adamw_foo' is not an optimizer transformers "
                                 "knows; did you mean adamw_torch, adamw_8bit, adalomo?")
     assert not out.exists()
+
+
+def test_plan_of_an_unreachable_hub_model_is_a_user_error(tmp_path):
+    """--plan reads the model's config.json before anything loads; offline, a hub id that is not in the local hub
+    cache is one line, not transformers' traceback."""
+    r = run_cli(["--recipe", "llama2_guanaco_fast", "--plan", "--set", "model.name=lorafit-tests/not-cached-7b"],
+                env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert_user_error(r, None, "could not read the config of model 'lorafit-tests/not-cached-7b'",
+                      "--set model.name=PATH")

@@ -57,3 +57,7 @@ def test_auto_checkpointing_follows_the_gpu_size():
     assert plan.choose_checkpointing(cfg, LLAMA2_7B, gpu_gib=None) is False
     text = plan.describe(cfg, LLAMA2_7B, 79.2, 1, False)
     assert "checkpointing off" in text and "chosen: gradient checkpointing off" in text
+    assert "4-bit layers: fused with their adapters (lora.fused)" in text
+    assert "(lora.fused is off under ZeRO-3)" in plan.describe(cfg, LLAMA2_7B, 79.2, 2, True)
+    seed = recipe.load_recipe("llama2_guanaco")
+    assert "4-bit layers: PEFT's and bitsandbytes' (lora.fused=false)" in plan.describe(seed, LLAMA2_7B, 79.2, 1, False)

@@ -117,11 +117,17 @@ def shape_of(model_cfg) -> Shape:
     """The model's shape from its config alone (no weights are read)."""
     from transformers import AutoConfig
 
+    from lorafit.errors import UserError
     from lorafit.model import resolve_source
 
     src = resolve_source(model_cfg)
     kw = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file else {}
-    return Shape.from_config(AutoConfig.from_pretrained(src, revision=model_cfg.revision, **kw))
+    try:
+        return Shape.from_config(AutoConfig.from_pretrained(src, revision=model_cfg.revision, **kw))
+    except OSError as e:  # offline without the hub cache, a wrong id, no access: the user's to fix
+        why = str(e).splitlines()[0].rstrip(".")
+        raise UserError(f"could not read the config of model '{src}': {why}; for offline use give a local folder "
+                        "with --set model.name=PATH") from None
 
 
 def smallest_gpu_gib() -> float | None:
@@ -150,4 +156,17 @@ def describe(cfg, shape: Shape, gpu_gib: float | None, world: int, zero3: bool) 
         *rows,
         f"  chosen: gradient checkpointing {'on' if chosen else 'off'}"
         f"{' (auto)' if want == 'auto' else ''}; estimates are +-10% (allocator and library workspaces vary)",
+        f"  4-bit layers: {_fused_line(cfg, zero3)}",
     ])
+
+
+def _fused_line(cfg, zero3: bool) -> str:
+    """What lorafit.layout will decide for the fused layers (the same rules, restated for --plan)."""
+    if not cfg.quantization.load_in_4bit:
+        return "none (quantization.load_in_4bit=false)"
+    if not cfg.lora.fused:
+        return "PEFT's and bitsandbytes' (lora.fused=false)"
+    if zero3:
+        return "PEFT's and bitsandbytes' (lora.fused is off under ZeRO-3)"
+    keep = ", 16-bit weights kept for the backward (counted above)" if cfg.quantization.keep_dequantized else ""
+    return "fused with their adapters (lora.fused)" + keep
