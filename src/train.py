@@ -26,7 +26,7 @@ def train(args, holder) -> int:
         print(cfg.to_yaml() + "# " + lay.describe())
         return 0
     if args.plan:
-        print(plan.describe(cfg, plan.shape_of(cfg.model), plan.smallest_gpu_gib(), lay.world_size, lay.kind == "zero3"))
+        print(plan.describe(cfg, plan.shape_of(cfg.model), plan.smallest_gpu_gib(), lay))
         return 0
     model.check_source(cfg.model)  # a missing model path fails here, before anything is written
     run_dir = cli.RunDir(cfg.output.dir)

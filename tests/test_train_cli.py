@@ -142,3 +142,16 @@ def test_stopwatch_counts_from_the_process_start():
     # pytest and torch were imported before this test ran: the first lap counts that time, from the process start
     assert clock.laps["so far"] > 0.5 and clock.laps["sleep"] >= 0.04
     assert clock.describe().endswith(f"total {clock.laps['so far'] + clock.laps['sleep']:.1f} s")
+
+
+def test_plan_prints_the_estimate_and_the_layouts_choices(tmp_path, tiny_llama_dir):
+    """--plan reads the config only: an estimate per checkpointing mode, the choice, what the layout decided for the
+    4-bit layers, and no run folder."""
+    out = tmp_path / "run"
+    r = run_cli(["--recipe", "llama2_guanaco_fast", "--plan", "--set", f"model.name={tiny_llama_dir}",
+                 "--set", f"output.dir={out}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "plan for llama2_guanaco_fast: 2 layers x 64 hidden" in r.stdout
+    assert "chosen: gradient checkpointing off" in r.stdout
+    assert "4-bit layers: fused with their adapters (lora.fused)" in r.stdout
+    assert not out.exists()

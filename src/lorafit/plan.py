@@ -138,7 +138,9 @@ def smallest_gpu_gib() -> float | None:
     return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())) / GIB
 
 
-def describe(cfg, shape: Shape, gpu_gib: float | None, world: int, zero3: bool) -> str:
+def describe(cfg, shape: Shape, gpu_gib: float | None, layout) -> str:
+    """--plan's text for `cfg` under `layout` (lorafit.layout.decide's result for this launch)."""
+    world, zero3 = layout.world_size, layout.kind == "zero3"
     rows = []
     for gc in (False, True):
         e = for_recipe(cfg, shape, world, zero3, gc=gc)
@@ -156,17 +158,17 @@ def describe(cfg, shape: Shape, gpu_gib: float | None, world: int, zero3: bool) 
         *rows,
         f"  chosen: gradient checkpointing {'on' if chosen else 'off'}"
         f"{' (auto)' if want == 'auto' else ''}; estimates are +-10% (allocator and library workspaces vary)",
-        f"  4-bit layers: {_fused_line(cfg, zero3)}",
+        f"  4-bit layers: {_fused_line(cfg, layout)}",
     ])
 
 
-def _fused_line(cfg, zero3: bool) -> str:
-    """What lorafit.layout will decide for the fused layers (the same rules, restated for --plan)."""
+def _fused_line(cfg, layout) -> str:
+    """What the layout decided for the 4-bit layers."""
     if not cfg.quantization.load_in_4bit:
         return "none (quantization.load_in_4bit=false)"
-    if not cfg.lora.fused:
-        return "PEFT's and bitsandbytes' (lora.fused=false)"
-    if zero3:
+    if layout.fused_4bit:
+        keep = ", 16-bit weights kept for the backward (counted above)" if layout.keep_dequantized else ""
+        return "fused with their adapters (lora.fused)" + keep
+    if cfg.lora.fused:  # the layout turned it off
         return "PEFT's and bitsandbytes' (lora.fused is off under ZeRO-3)"
-    keep = ", 16-bit weights kept for the backward (counted above)" if cfg.quantization.keep_dequantized else ""
-    return "fused with their adapters (lora.fused)" + keep
+    return "PEFT's and bitsandbytes' (lora.fused=false)"
