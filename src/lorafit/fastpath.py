@@ -164,20 +164,15 @@ def adamw_32bit_nosync():
             and the parameters copied back (one multi-tensor copy). Groups this cannot cover (mixed dtypes or
             devices, a missing gradient, per-parameter overrides, max_unorm) take bitsandbytes' per-tensor path."""
             params = group["params"]
-            if len(params) < 2 or self.args.max_unorm > 0 or self.args.skip_zeros:
-                return False
-            if any(p.grad is None for p in params):
-                return False
-            p0 = params[0]
-            if any(p.dtype != p0.dtype or p.device != p0.device or p.grad.dtype != p0.dtype for p in params):
-                return False
-            if any((gindex, i) in self.mng.index2config or id(p) in self.mng.pid2config for i, p in enumerate(params)):
+            if len(params) < 2 or any(p.grad is None or p.grad.dtype != p.dtype for p in params):
                 return False
             flat = self._flat.get(gindex)
             if (flat is None or flat["ids"] != [id(p) for p in params]
-                    or self.state[params[0]]["state1"].data_ptr() != flat["s1"].data_ptr()
-                    or self.state[params[-1]]["state2"].data_ptr() != flat["s2_last"]):
+                    or (flat["ok"] and (self.state[params[0]]["state1"].data_ptr() != flat["s1"].data_ptr()
+                                        or self.state[params[-1]]["state2"].data_ptr() != flat["s2_last"]))):
                 flat = self._flat[gindex] = self._build_flat(gindex, group)  # first step, or the state was replaced
+            if not flat["ok"]:
+                return False
             steps = {self.state[p]["step"] for p in params}
             if len(steps) != 1:  # a step that some tensors missed (a None gradient): bitsandbytes' path keeps count
                 return False
@@ -196,15 +191,23 @@ def adamw_32bit_nosync():
             return True
 
         def _build_flat(self, gindex, group) -> dict:
+            """The group's flat buffers, or {"ok": False} for a group this path cannot cover (checked once here, not
+            at every step: dtypes, devices and overrides do not change between steps)."""
             params = group["params"]
+            ids = [id(p) for p in params]
+            p0 = params[0]
+            if (self.args.max_unorm > 0 or self.args.skip_zeros
+                    or any(p.dtype != p0.dtype or p.device != p0.device for p in params)
+                    or any((gindex, i) in self.mng.index2config or i_d in self.mng.pid2config
+                           for i, i_d in enumerate(ids))):
+                return {"ids": ids, "ok": False}
             sizes = [p.numel() for p in params]
-            dev = params[0].device
             for pindex, p in enumerate(params):
                 if len(self.state[p]) == 0:
                     self.init_state(group, p, gindex, pindex)
-            flat = {"ids": [id(p) for p in params],
-                    "g": torch.empty(sum(sizes), dtype=params[0].dtype, device=dev),
-                    "p": torch.empty(sum(sizes), dtype=params[0].dtype, device=dev)}
+            flat = {"ids": ids, "ok": True,
+                    "g": torch.empty(sum(sizes), dtype=p0.dtype, device=p0.device),
+                    "p": torch.empty(sum(sizes), dtype=p0.dtype, device=p0.device)}
             for key in ("state1", "state2"):
                 buf = torch.cat([self.state[p][key].reshape(-1).float() for p in params])
                 flat["s1" if key == "state1" else "s2"] = buf
