@@ -284,7 +284,7 @@ def write_summary(run_dir: Path, cfg: Recipe, layout: Layout, trainer: LorafitTr
         "world_size": layout.world_size,
         "effective_batch": layout.effective_batch,
         "trainable_parameters": trainable,
-        "fused_4bit_layers": fused_counts(trainer.model) if layout.fused_4bit else {"lora": 0, "frozen": 0},
+        "fused_4bit_layers": fused_counts(trainer.model),
         "data": {k: v for k, v in vars(prepared.stats).items() if k != "skipped_examples"},
     }
     summary.update(memory_per_rank(trainer.model))  # collective: every rank's peak and parameter bytes, by rank
