@@ -10,7 +10,6 @@ import torch
 from test_trainer_loss import first_batch
 
 from lorafit import fused, layout, model, recipe
-from lorafit.errors import UserError
 
 
 def load(tiny_llama_dir, *sets, dropout=0.0):
@@ -181,25 +180,6 @@ def test_trainer_step_takes_the_fused_path(tmp_path, tiny_llama_dir, guanaco_dir
     for n in b_names:
         ref = grads[False][n]
         assert ref.norm() > 0 and (grads[True][n] - ref).norm() / ref.norm() < 2e-2, n
-
-
-def test_layout_decides_fused_and_kept_weights():
-    fast = recipe.load_recipe("llama2_guanaco_fast")
-    assert fast.lora.fused
-    single = layout.decide(fast, env={}, cuda_available=True, gpu_count=1)
-    assert single.fused_4bit and not single.keep_dequantized
-    zero3 = layout.decide(fast, env={"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true",
-                                     "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_MIXED_PRECISION": "bf16"},
-                          cuda_available=True, gpu_count=2)
-    assert not zero3.fused_4bit and any("ZeRO-3" in n and "fused" in n for n in zero3.notes)
-    keep = recipe.load_recipe("llama2_guanaco_fast", ["quantization.keep_dequantized=true"])
-    assert layout.decide(keep, env={}, cuda_available=True, gpu_count=1).keep_dequantized
-    with pytest.raises(UserError, match="needs lora.fused=true"):
-        layout.decide(recipe.load_recipe("llama2_guanaco_fast", ["quantization.keep_dequantized=true",
-                                                                 "lora.fused=false"]), env={}, cuda_available=False)
-    with pytest.raises(UserError, match="gradient checkpointing"):
-        layout.decide(recipe.load_recipe("llama2_guanaco_lean", ["quantization.keep_dequantized=true"]), env={},
-                      cuda_available=False)
 
 
 def peft_pair(device, dtype, n_in=256, n_out=384, r=16, dropout=0.0, seed=0):

@@ -118,6 +118,24 @@ def test_checkpointing_off_has_no_mode():
     assert lay.gradient_checkpointing is False and lay.gradient_checkpointing_kwargs == {}
 
 
+def test_layout_decides_fused_and_kept_weights():
+    fast = load_recipe("llama2_guanaco_fast")
+    assert fast.lora.fused
+    single = gpu(fast, {})
+    assert single.fused_4bit and not single.keep_dequantized
+    zero3 = gpu(fast, dist_env(2, 0, 0, **DS, ACCELERATE_DEEPSPEED_ZERO_STAGE="3", ACCELERATE_MIXED_PRECISION="bf16"),
+                gpus=2)
+    assert not zero3.fused_4bit and any("ZeRO-3" in n and "fused" in n for n in zero3.notes)
+    keep = load_recipe("llama2_guanaco_fast", ["quantization.keep_dequantized=true"])
+    assert gpu(keep, {}).keep_dequantized
+    with pytest.raises(UserError, match="needs lora.fused=true"):
+        layout.decide(load_recipe("llama2_guanaco_fast", ["quantization.keep_dequantized=true", "lora.fused=false"]),
+                      env={}, cuda_available=False)
+    with pytest.raises(UserError, match="gradient checkpointing"):
+        layout.decide(load_recipe("llama2_guanaco_lean", ["quantization.keep_dequantized=true"]), env={},
+                      cuda_available=False)
+
+
 @pytest.mark.parametrize("world", [1, 2, 8])
 @pytest.mark.parametrize("stage", [None, "2", "3"])
 def test_never_device_map_auto(world, stage):

@@ -1,8 +1,9 @@
 """The memory planner against the H100 measurements it was calibrated on, and its choices."""
 
 import pytest
+from test_layout import DS, dist_env, gpu
 
-from lorafit import layout, plan, recipe
+from lorafit import plan, recipe
 
 LLAMA2_7B = plan.Shape(hidden=4096, intermediate=11008, layers=32, vocab=32000, heads=32, kv_heads=32)
 
@@ -55,14 +56,12 @@ def test_auto_checkpointing_follows_the_gpu_size():
     assert plan.choose_checkpointing(cfg, LLAMA2_7B, gpu_gib=79.2) is False  # ~26 GiB fits an 80 GB H100
     assert plan.choose_checkpointing(cfg, LLAMA2_7B, gpu_gib=24.0) is True  # not a 24 GB card
     assert plan.choose_checkpointing(cfg, LLAMA2_7B, gpu_gib=None) is False
-    one_gpu = dict(cuda_available=True, gpu_count=1, shape=LLAMA2_7B, gpu_gib=79.2)
-    text = plan.describe(cfg, LLAMA2_7B, 79.2, layout.decide(cfg, env={}, **one_gpu))
+    text = plan.describe(cfg, LLAMA2_7B, 79.2, gpu(cfg, {}))
     assert "checkpointing off" in text and "chosen: gradient checkpointing off" in text
     assert "4-bit layers: fused with their adapters (lora.fused)" in text
-    zero3 = layout.decide(cfg, env={"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true",
-                                    "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_MIXED_PRECISION": "bf16"},
-                          cuda_available=True, gpu_count=2, shape=LLAMA2_7B, gpu_gib=79.2)
+    zero3 = gpu(cfg, dist_env(2, 0, 0, **DS, ACCELERATE_DEEPSPEED_ZERO_STAGE="3", ACCELERATE_MIXED_PRECISION="bf16"),
+                gpus=2)
     assert "(lora.fused is off under ZeRO-3)" in plan.describe(cfg, LLAMA2_7B, 79.2, zero3)
     seed = recipe.load_recipe("llama2_guanaco")
-    seed_text = plan.describe(seed, LLAMA2_7B, 79.2, layout.decide(seed, env={}, **one_gpu))
+    seed_text = plan.describe(seed, LLAMA2_7B, 79.2, gpu(seed, {}, shape=LLAMA2_7B, gpu_gib=79.2))
     assert "4-bit layers: PEFT's and bitsandbytes' (lora.fused=false)" in seed_text
