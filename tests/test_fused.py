@@ -54,8 +54,12 @@ def count_calls(monkeypatch):
     return calls
 
 
-def test_fused_model_has_peft_loss_and_gradients(tiny_llama_dir, monkeypatch):
-    ref, ours = load(tiny_llama_dir), load(tiny_llama_dir, "lora.fused=true")
+@pytest.mark.parametrize("double_quant", [False, True])  # bitsandbytes' op called directly; its wrapper (nested)
+def test_fused_model_has_peft_loss_and_gradients(tiny_llama_dir, monkeypatch, double_quant):
+    dq = f"quantization.double_quant={double_quant}"
+    ref, ours = load(tiny_llama_dir, dq), load(tiny_llama_dir, "lora.fused=true", dq)
+    assert {m.weight.quant_state.nested for m in ours.modules() if type(m).__name__ == "FusedFrozen4bit"} == {
+        double_quant}
     kinds = {type(m).__name__ for m in ours.modules()}
     assert {"FusedLoRA4bit", "FusedFrozen4bit"} <= kinds and "FusedLoRA4bit" not in {type(m).__name__
                                                                                        for m in ref.modules()}
