@@ -4,7 +4,8 @@
         --runs trl_seed,trl_tuned,lorafit:llama2_guanaco,lorafit:llama2_guanaco_fast --steps 40
 
 A run is `trl_seed` / `trl_tuned` (bench/trl_reference.py: plain TRL, no lorafit code) or `lorafit:RECIPE[+k=v...]`
-(src/train.py with overrides, e.g. `lorafit:llama2_guanaco_fast+training.liger_kernels=false`). Each runs in its own
+(src/train.py with overrides, e.g. `lorafit:llama2_guanaco_fast+training.liger_kernels=false`; an `env:NAME=VALUE`
+item sets an environment variable for that run, e.g. `+env:LORAFIT_BENCH_OFF=mask_skip`). Each runs in its own
 process (clean memory counters). Real tokens/s = non-pad tokens per second, median over steps after the warm-up,
 with a device sync per step on both sides. Prints a table and writes <out>/results.json.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -36,6 +38,8 @@ def run_trl(name: str, a, out: Path, tag: str = "") -> dict:
 
 def run_lorafit(spec: str, a, out: Path, tag: str = "") -> dict:
     recipe, *sets = spec.split(":", 1)[1].split("+")
+    env = dict(os.environ, **dict(x[4:].split("=", 1) for x in sets if x.startswith("env:")))
+    sets = [x for x in sets if not x.startswith("env:")]
     name = spec.replace(":", "_").replace("+", "_").replace("=", "-").replace(".", "-").replace("/", "-")
     run_dir = Path(a.scratch) / f"{name}{tag}"
     subprocess.run(["rm", "-rf", str(run_dir)])
@@ -49,16 +53,16 @@ def run_lorafit(spec: str, a, out: Path, tag: str = "") -> dict:
                 "s_per_step": s.get("steady_step_time_s"), "tokens_per_step": s["tokens_seen"] / max(s["steps"], 1),
                 "real_tokens_per_s_mean": s.get("steady_tokens_per_second_mean"), "phases_s": s.get("phases_s"),
                 "peak_gib": s.get("peak_gpu_memory_gib"), "mfu": s.get("steady_mfu"), "first_losses": s.get(
-                    "first_losses"), "steps": s["steps"]}
+                    "first_losses"), "steps": s["steps"], "step_times_s": s.get("logged_step_times_s")}
 
-    return _go(name, cmd, out, parse, tag)
+    return _go(name, cmd, out, parse, tag, env)
 
 
-def _go(name: str, cmd: list[str], out: Path, parse, tag: str = "") -> dict:
+def _go(name: str, cmd: list[str], out: Path, parse, tag: str = "", env: dict | None = None) -> dict:
     t0 = time.time()
     log_path = out / f"{name}{tag}.log"
     with open(log_path, "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env).returncode
     res = {"name": name, "rc": rc}
     if rc == 0:
         try:

@@ -23,6 +23,7 @@ def tiny_llama(attn: str, seed: int = 0):
         return ref
     m = LlamaForCausalLM._from_config(cfg, attn_implementation=fastpath.register_varlen_attention()).eval()
     m.load_state_dict(ref.state_dict())
+    fastpath.skip_mask_building(m)  # as lorafit.model installs it with this attention
     return m
 
 
@@ -48,6 +49,40 @@ def test_packed_rows_attend_only_within_themselves():
     assert (across - alone).abs().max() > 1e-2  # the check above would catch attention across rows
 
 
+def test_packed_batches_skip_transformers_mask_building(monkeypatch):
+    """A training forward of a packed batch (no KV cache) goes past transformers' packed-row detection, whose `.all()`
+    is a host-device sync on a GPU, with the logits it gets without the hook; a padded batch still gets
+    transformers' mask. Without the hook transformers does run the detection here (so the check below can fail)."""
+    import transformers.masking_utils as mu
+
+    ours, plain = tiny_llama("varlen"), tiny_llama("sdpa")
+    plain = LlamaForCausalLM_with(plain.config, fastpath.register_varlen_attention(), plain.state_dict())
+    rows, batch = packed([5, 9, 1, 3])
+    batch["use_cache"] = False
+    calls = []
+    real = mu.find_packed_sequence_indices
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda p: calls.append(p) or real(p))
+    with torch.no_grad():
+        want = plain(**batch).logits
+        assert len(calls) == 1  # transformers' detection ran for the model without the hook
+        got = ours(**batch).logits
+        assert len(calls) == 1, "the hooked model ran transformers' packed-row detection"
+        assert torch.equal(got, want)
+        ids, mask = torch.stack([rows[1], rows[1]]), torch.tensor([[1] * 9, [0] * 4 + [1] * 5])
+        ours(input_ids=ids, attention_mask=mask, use_cache=False)  # padded: transformers builds sdpa's mask
+        ours.train()
+        ours.config.attention_dropout = 0.5  # the varlen kernel takes no dropout: the batch keeps the sdpa path
+        ours(**batch)
+
+
+def LlamaForCausalLM_with(cfg, attn, state):
+    from transformers import LlamaForCausalLM
+
+    m = LlamaForCausalLM._from_config(cfg, attn_implementation=attn).eval()
+    m.load_state_dict(state)
+    return m
+
+
 def test_batches_without_boundaries_fall_back_to_sdpa():
     """Padded batches (evaluation) and decoding with a KV cache (sample answers) take transformers' sdpa path with
     the mask transformers builds for sdpa."""
@@ -71,6 +106,14 @@ def test_varlen_training_loss_is_the_padded_batches_loss(tmp_path, tiny_llama_di
         assert ("cu_seq_lens_q" in batch) == bool(extra)
         with torch.no_grad():
             losses[bool(extra)] = sft.compute_loss(net, dict(batch)).item()
+        if extra:  # lorafit.model installed skip_mask_building: no packed-row detection in a training forward
+            import transformers.masking_utils as mu
+
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(mu, "find_packed_sequence_indices", lambda p: pytest.fail("transformers inspected the "
+                                                                                     "position ids"))
+                with torch.no_grad():
+                    sft.compute_loss(net, dict(batch))
     assert abs(losses[True] - losses[False]) <= 1e-5 * abs(losses[False]), losses
 
 
@@ -173,3 +216,12 @@ def test_recipe_optimizer_reaches_hf_as_a_class(tmp_path, tiny_llama_dir, guanac
     assert opt.param_groups[0]["lr"] == pytest.approx(2e-4) and opt.param_groups[0]["betas"] == (0.9, 0.999)
     with pytest.raises(UserError, match="did you mean"):
         trainer.check_optimizer("lorafit_adamw_32")
+
+
+def test_bench_switch_turns_the_sync_free_pieces_off(monkeypatch):
+    """bench/throughput.py measures the mask skip and the indexed LM head on and off through LORAFIT_BENCH_OFF."""
+    m = tiny_llama("sdpa")
+    monkeypatch.setenv("LORAFIT_BENCH_OFF", "mask_skip/indexed_lm_head")
+    assert fastpath.skip_mask_building(m) is None and fastpath.install_indexed_lm_head(m) is False
+    monkeypatch.setenv("LORAFIT_BENCH_OFF", "indexed_lm_head")
+    assert fastpath.skip_mask_building(m) is not None

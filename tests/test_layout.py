@@ -126,6 +126,11 @@ def test_layout_decides_fused_and_kept_weights():
     zero3 = gpu(fast, dist_env(2, 0, 0, **DS, ACCELERATE_DEEPSPEED_ZERO_STAGE="3", ACCELERATE_MIXED_PRECISION="bf16"),
                 gpus=2)
     assert not zero3.fused_4bit and any("ZeRO-3" in n and "fused" in n for n in zero3.notes)
+    # the indexed LM head would read ZeRO-3's shard of the head weight; every other layout uses it
+    assert single.indexed_lm_head and not zero3.indexed_lm_head
+    zero2 = gpu(fast, dist_env(2, 0, 0, **DS, ACCELERATE_DEEPSPEED_ZERO_STAGE="2", ACCELERATE_MIXED_PRECISION="bf16"),
+                gpus=2)
+    assert zero2.indexed_lm_head and gpu(fast, dist_env(2, 0, 0), gpus=2).indexed_lm_head
     keep = load_recipe("llama2_guanaco_fast", ["quantization.keep_dequantized=true"])
     assert gpu(keep, {}).keep_dequantized
     with pytest.raises(UserError, match="needs lora.fused=true"):

@@ -52,6 +52,8 @@ def test_run_folder_holds_adapter_tokenizer_recipe_and_summary(first_run, tiny_l
     assert list(phases) == ["start-up", "data", "model", "trainer", "train", "save"]
     assert all(v >= 0 for v in phases.values()) and phases["start-up"] > 0.5  # importing torch alone takes longer
     assert abs(phases["train"] - summary["wall_time_s"]) < 0.5
+    st = summary["logged_step_times_s"]  # one per timed training log (tiny runs log every step)
+    assert 0 < len(st) <= STEPS and all(0 < t < summary["wall_time_s"] for t in st)
     cfg = json.loads((first_run / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
 

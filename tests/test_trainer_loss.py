@@ -116,3 +116,50 @@ def test_host_shortcuts_give_hf_trainers_own_figures(tmp_path, tiny_llama_dir, g
     assert torch.allclose(ours, hf) and ours.item() > 1e-3  # same total norm, and above the clip threshold
     hf_grads = [p.grad for p in net.parameters() if p.grad is not None]
     assert all(torch.equal(a, b) for a, b in zip(ours_grads, hf_grads))  # clipped identically
+
+
+def test_indexed_lm_head_gives_trls_loss_and_gradients(tmp_path, tiny_llama_dir, guanaco_dir):
+    """The indexed LM head (lorafit.fastpath: labelled positions listed by the collator on the host, gathered with
+    index_select) against TRL's fused head on the same batch: the same loss and the same LoRA gradients, for padded
+    and for padding-free batches, and with HF's num_items_in_batch (gradient accumulation's denominator)."""
+    from lorafit import fastpath
+
+    for extra in ([], ["data.padding_free=true"]):
+        sft, net, batch, _ = first_batch(tmp_path, tiny_llama_dir, guanaco_dir, extra)
+        assert sft.indexed_lm_head
+        idx = batch.pop(fastpath.LABEL_INDEX_KEY)
+        labels = batch["labels"]
+        # the host's list is the shifted labels' positions: (rows x (length - 1)), the ones not -100
+        assert torch.equal(idx, (labels[:, 1:].reshape(-1) != -100).nonzero().squeeze(1))
+        assert 0 < idx.numel() < labels[:, 1:].numel()  # some positions are prompt or padding: the index matters
+
+        def run(net=net, batch=batch, **kw):
+            net.zero_grad(set_to_none=True)
+            out = net(**batch, use_cache=False, **kw)
+            loss = out.loss if "lorafit_label_index" in kw else -out.log_probs.sum() / out.label_mask.sum()
+            loss.backward()
+            return loss.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+        (ours, g_ours), (ref, g_ref) = run(lorafit_label_index=idx), run(fused_lm_head=True)
+        assert g_ours and len(g_ours) == len(g_ref)
+        assert torch.allclose(ours, ref, rtol=1e-6, atol=1e-6), (ours.item(), ref.item())
+        for a, b in zip(g_ours, g_ref):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (a - b).abs().max()
+        with torch.no_grad():
+            n = torch.tensor(3 * idx.numel())  # as if two more micro-batches shared the step
+            scaled = net(**batch, use_cache=False, lorafit_label_index=idx, num_items_in_batch=n).loss
+        assert torch.allclose(scaled * 3, ref, rtol=1e-6)
+
+
+def test_indexed_lm_head_stays_off_where_trls_head_does_more(tmp_path, tiny_llama_dir, guanaco_dir):
+    """A logit softcap (Gemma 2) or scale (Cohere) changes what the head computes: the wrapper is not installed and
+    the collator lists nothing; under ZeRO-3 the layout turns it off (the head's weight is sharded)."""
+    from lorafit import fastpath
+
+    sft, net, batch, _ = first_batch(tmp_path, tiny_llama_dir, guanaco_dir, [])
+    base = net.get_base_model()
+    base.config.final_logit_softcapping = 30.0
+    assert fastpath.install_indexed_lm_head(base) is False
+    base.config.final_logit_softcapping = None
+    cfg = recipe.load_recipe("llama2_guanaco", sets_for(tmp_path, tiny_llama_dir, guanaco_dir))
+    assert layout.decide(cfg, env={}, cuda_available=False).indexed_lm_head is True

@@ -12,7 +12,18 @@
    without those boundaries (padded evaluation batches, generation with a KV cache) go to transformers' sdpa with
    the mask transformers builds for it. On a CPU the same function attends each packed row separately with sdpa:
    correct, slow, and there so the path is tested where CI runs.
-2. `training.optimizer=lorafit_adamw_32bit`: bitsandbytes' 32-bit AdamW, the kernel and float32 state of the seed's
+   The same attention also skips transformers' mask construction for those batches (`skip_mask_building`):
+   transformers inspects the position ids of every forward for packed rows, `.all()` on a device tensor (a host-device
+   sync at the start of each forward, `masking_utils.find_packed_sequence_indices`), then builds a (tokens x tokens)
+   boolean mask for sdpa that the varlen kernel never reads.
+2. The training loss's LM head (`install_indexed_lm_head`, the `indexed_lm_head` decision in lorafit.layout): TRL's
+   fused LM head (`trl.trainer.utils.add_fused_lm_head`) scores only the labelled positions, which it selects with
+   boolean masks on the device (`hidden_states[mask]`, then `masked_scatter` back): four host-device syncs per micro-
+   step (two `nonzero` in the forward, two in the backward; `bench/profile_step.py --sync-audit`, call U), and it
+   also computes the entropy and top-1 flags its metrics use. lorafit's collator computes the labelled positions on
+   the host (`label_index`), and the head gathers them with `index_select` (no sync either way) and runs TRL's own
+   kernel (`trl.kernels.ChunkedLogProbFunction`) for the log-probabilities alone.
+3. `training.optimizer=lorafit_adamw_32bit`: bitsandbytes' 32-bit AdamW, the kernel and float32 state of the seed's
    paged_adamw_32bit, kept in ordinary GPU memory and stepped without bitsandbytes' host-device sync after every
    tensor. bitsandbytes 0.50 (`optim/optimizer.py`, `Optimizer8bit.step`) calls `torch.cuda.synchronize()` after
    each parameter, paged or not; the sync is needed only for paged state, whose prefetches are asynchronous. With
@@ -24,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 
 # torch is imported inside the functions: lorafit.layout and lorafit.model import this module, and `--print-config`
 # / `--plan` must stay fast.
@@ -41,12 +53,62 @@ def register_varlen_attention() -> str:
     return ATTN_NAME
 
 
+def bench_off(piece: str) -> bool:
+    """LORAFIT_BENCH_OFF=mask_skip/indexed_lm_head turns those pieces off, so that bench/throughput.py measures each
+    on and off side by side (`+env:LORAFIT_BENCH_OFF=...`; "/" because its run list is comma-separated). Not a recipe
+    field: neither changes what is computed, so a user has no reason to turn one off."""
+    return piece in os.environ.get("LORAFIT_BENCH_OFF", "").replace(",", "/").split("/")
+
+
+# The 4-D "mask" skip_mask_building hands transformers for padding-free batches: transformers returns a 4-D mask as
+# it is, without inspecting the position ids; only varlen_attention_forward receives it, and it never reads it.
+_NO_MASK = None
+
+
+def _no_mask():
+    global _NO_MASK
+    if _NO_MASK is None:
+        import torch
+
+        _NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # on the CPU: it never reaches a kernel
+    return _NO_MASK
+
+
+def skip_mask_building(model):
+    """A forward pre-hook on the model's decoder stack: a padding-free batch that the varlen kernel will attend
+    (`cu_seq_lens_q`, one packed row, no KV cache, no attention dropout, no sliding window) goes in with a placeholder
+    4-D mask, so transformers neither syncs on its position ids nor builds a mask nobody reads (module docstring).
+    Every other batch passes unchanged and gets transformers' mask. Returns the hook's handle, or None where a
+    benchmark turned it off (`bench_off`)."""
+    if bench_off("mask_skip"):
+        return None
+    decoder = model.get_decoder()
+    config = decoder.config
+
+    def pre_hook(module, args, kwargs):
+        if args or kwargs.get("cu_seq_lens_q") is None or kwargs.get("attention_mask") is not None:
+            return None
+        if kwargs.get("use_cache") or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+            return None
+        x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if x is None or x.shape[0] != 1 or getattr(config, "sliding_window", None):
+            return None
+        if module.training and getattr(config, "attention_dropout", 0.0):
+            return None
+        return args, {**kwargs, "attention_mask": _no_mask()}
+
+    return decoder.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention interface: query/key/value (batch, heads, seq, head_dim) -> (batch, seq, heads,
     head_dim), None. Runs the varlen kernel on a padding-free batch (batch 1 with `cu_seq_lens_q`)."""
     cu = kwargs.get("cu_seq_lens_q")
     if (cu is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or dropout
             or getattr(module, "sliding_window", None) or kwargs.get("sliding_window")):
+        if attention_mask is not None and attention_mask is _NO_MASK:
+            raise RuntimeError("lorafit.fastpath: a batch given the varlen placeholder mask is not one the varlen "
+                               "kernel attends; skip_mask_building's conditions are out of step with this function")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -110,6 +172,75 @@ def _flash_varlen(q, k, v, cu, max_len: int, scale: float):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     cu = cu if cu.dtype == torch.int32 else cu.to(torch.int32)
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
+
+
+LABEL_INDEX_KEY = "lorafit_label_index"  # the collator's key for label_index's tensor
+
+
+def label_index(batch: dict):
+    """On the host, in the collator: the flat positions of the tokens the loss scores, in the order the indexed head
+    reads the hidden states (rows x (length - 1) with the labels shifted by one; rows x length where the collator gave
+    `shift_labels`). A CPU tensor: computing it costs the GPU nothing; it reaches the GPU with the batch."""
+    shift, labels = batch.get("shift_labels"), batch.get("labels")
+    if shift is not None:
+        flat = shift.reshape(-1)
+    elif labels is not None and labels.dim() == 2:
+        flat = labels[:, 1:].reshape(-1)
+    else:
+        return None
+    return (flat != -100).nonzero().squeeze(1)  # a CPU tensor here: no device sync
+
+
+def install_indexed_lm_head(causal_lm) -> bool:
+    """Wraps the causal LM's forward (TRL's fused-head forward, which SFTTrainer installed) so that a call carrying
+    `lorafit_label_index` returns only the training loss, computed on the labelled positions that index selects
+    (module docstring, 2). Any other call goes to the wrapped forward unchanged. Returns False, installing nothing,
+    where the wrapped forward would do more than a plain LM head: a logit softcap or scale, MoE router losses, or a
+    TRL without the kernel (or where a benchmark turned it off, `bench_off`)."""
+    if bench_off("indexed_lm_head"):
+        return False
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+    except ImportError:
+        return False
+    text = causal_lm.config.get_text_config()
+    if any(getattr(text, a, None) is not None for a in ("final_logit_softcapping", "logit_scale", "output_multiplier",
+                                                         "lm_head_multiplier", "logits_scaling")):
+        return False
+    if getattr(text, "output_router_logits", False):
+        return False
+    from transformers.modeling_outputs import CausalLMOutput
+
+    try:
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+    except ImportError:
+        chunk = 32768  # TRL 1.16's vocabulary tile
+    wrapped = causal_lm.forward
+
+    @functools.wraps(wrapped)
+    def forward(*args, lorafit_label_index=None, **kwargs):
+        if lorafit_label_index is None:
+            return wrapped(*args, **kwargs)
+        labels, shift = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("fused_lm_head", None)
+        kwargs["use_cache"] = False
+        hidden = causal_lm.base_model(*args, **kwargs).last_hidden_state  # the decoder stack, as TRL calls it
+        if shift is None:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift
+        head = causal_lm.get_output_embeddings()
+        idx = lorafit_label_index.to(hidden.device, non_blocking=True)  # on the device already (the batch's copy)
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx).to(head.weight.device)
+        targets = labels.reshape(-1).index_select(0, idx).to(head.weight.device)
+        log_probs = ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, targets, 1.0, chunk, None, 1.0,
+                                                 ("log_probs",))[0]
+        # idx.numel() is host metadata: the mean needs no count from the device
+        return CausalLMOutput(loss=-log_probs.sum() / (max(idx.numel(), 1) if num_items is None else num_items))
+
+    causal_lm.forward = forward
+    return True
 
 
 @functools.cache

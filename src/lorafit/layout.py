@@ -35,6 +35,8 @@ Why:
 - The fused 4-bit layers (lora.fused, lorafit.fused) run on cpu, single, ddp and zero2; ZeRO-3 keeps PEFT's and
   bitsandbytes' layers, whose sharded weights DeepSpeed gathers through its module hooks. Kept 16-bit weights
   (quantization.keep_dequantized) need a run without recompute and offloading.
+- The training loss's LM head runs on positions the collator indexes on the host (lorafit.fastpath, no device sync)
+  everywhere but ZeRO-3, whose sharded head weight TRL's fused head gathers first.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class Layout:
     attn_implementation: str = "sdpa"  # the name handed to transformers (model.attn_implementation, resolved)
     fused_4bit: bool = False  # lorafit.fused swaps the 4-bit linears (lora.fused, where the layout allows it)
     keep_dequantized: bool = False  # ... and keeps their 16-bit weights for the backward
+    indexed_lm_head: bool = True  # the training loss's LM head on host-indexed positions (lorafit.fastpath)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -306,6 +309,8 @@ def decide(
         attn_implementation=attn,
         fused_4bit=fused,
         keep_dequantized=keep,
+        # ZeRO-3 shards the LM head's weight: TRL's fused head gathers it, the indexed head would read the shard
+        indexed_lm_head=kind != "zero3",
         notes=notes,
     )
 

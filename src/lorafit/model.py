@@ -185,6 +185,8 @@ def load_model(cfg: Recipe, layout: Layout, source: str, tokenizer):
     except OSError as e:
         raise UserError(f"could not load model '{source}': {str(e).splitlines()[0]}; for offline use give a local "
                         "folder with --set model.name=PATH") from None
+    if layout.attn_implementation == fastpath.ATTN_NAME:
+        fastpath.skip_mask_building(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     for m in model.modules():

@@ -19,7 +19,7 @@ from trl import SFTConfig, SFTTrainer
 from lorafit.checkpoint import CheckpointingMixin
 from lorafit.dist import memory_per_rank
 from lorafit.errors import UserError
-from lorafit.fastpath import LORAFIT_OPTIMIZERS
+from lorafit.fastpath import LABEL_INDEX_KEY, LORAFIT_OPTIMIZERS, install_indexed_lm_head, label_index
 from lorafit.fused import counts as fused_counts
 from lorafit.layout import Layout
 from lorafit.recipe import Recipe
@@ -99,14 +99,20 @@ def check_optimizer(name: str) -> None:
 
 
 class CountingCollator:
-    """Wraps TRL's collator: counts real (non-pad) tokens of each batch on the host, where it costs no sync."""
+    """Wraps TRL's collator: counts real (non-pad) tokens of each batch on the host, where it costs no sync, and
+    (index_labels) lists the labelled positions there for the indexed LM head (lorafit.fastpath.label_index)."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, index_labels: bool = False):
         self.inner = inner
+        self.index_labels = index_labels
 
     def __call__(self, examples):
         batch = self.inner(examples)
         batch[REAL_TOKENS_KEY] = sum(len(ex["input_ids"]) for ex in examples)
+        if self.index_labels:
+            idx = label_index(batch)
+            if idx is not None:
+                batch[LABEL_INDEX_KEY] = idx
         return batch
 
 
@@ -115,9 +121,12 @@ class LorafitTrainer(CheckpointingMixin, SFTTrainer):
     (staged, committed with a manifest) once a RunSession is attached."""
 
     def __init__(self, *a, flops_per_token: float = 0.0, peak_flops: float = 0.0, token_metrics: bool = False,
-                 **kw):
+                 indexed_lm_head: bool = False, **kw):
         super().__init__(*a, **kw)
-        self.data_collator = CountingCollator(self.data_collator)
+        # after SFTTrainer's __init__, which installed TRL's fused LM head that this wraps
+        self.indexed_lm_head = indexed_lm_head and not token_metrics and install_indexed_lm_head(
+            self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
+        self.data_collator = CountingCollator(self.data_collator, index_labels=self.indexed_lm_head)
         self.real_tokens_local = 0
         self._last_log = None  # (time, tokens, step) at the previous training log; the clock starts at step 1
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
@@ -161,7 +170,10 @@ class LorafitTrainer(CheckpointingMixin, SFTTrainer):
 
         TRL gathers and `.item()`s those every micro-step: ~5 host-device syncs that stall the kernel queue between
         forward and backward. Same loss as TRL's default path (mean NLL over answer tokens from its fused LM head);
-        any other path (eval, custom loss, label smoothing, MoE aux loss, or logging.token_metrics) goes to TRL."""
+        any other path (eval, custom loss, label smoothing, MoE aux loss, or logging.token_metrics) goes to TRL.
+        With the indexed LM head (lorafit.fastpath) the head scores the positions the collator listed on the host,
+        without TRL's device-side masking and its syncs."""
+        label_idx = inputs.pop(LABEL_INDEX_KEY, None)
         lean = (self.model.training and not return_outputs and not self.token_metrics
                 and self.compute_loss_func is None and self.label_smoother is None and not self.aux_loss_enabled
                 and self.args.loss_type == "nll")
@@ -170,15 +182,19 @@ class LorafitTrainer(CheckpointingMixin, SFTTrainer):
         import torch
 
         inputs["use_cache"] = False
-        outputs = model(**inputs, fused_lm_head=True)
-        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if label_idx is not None:
+            loss = model(**inputs, lorafit_label_index=label_idx, num_items_in_batch=num_items_in_batch).loss
+        else:
+            outputs = model(**inputs, fused_lm_head=True)
+            num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; num_items counts every rank's
         return loss
 
     def prediction_step(self, model, inputs, *a, **kw):
         inputs.pop(REAL_TOKENS_KEY, None)
+        inputs.pop(LABEL_INDEX_KEY, None)
         return super().prediction_step(model, inputs, *a, **kw)
 
     def real_tokens_total(self) -> int:
@@ -245,6 +261,7 @@ def build_trainer(cfg: Recipe, layout: Layout, args: SFTConfig, model, tokenizer
         flops_per_token=flops_per_token(total, layout.gradient_checkpointing),
         peak_flops=peak_flops(),
         token_metrics=cfg.logging.token_metrics,
+        indexed_lm_head=layout.indexed_lm_head,
         model=model,
         args=args,
         train_dataset=prepared.train,
@@ -291,6 +308,8 @@ def write_summary(run_dir: Path, cfg: Recipe, layout: Layout, trainer: LorafitTr
     if "peak_gpu_memory_gib_per_rank" in summary:
         summary["peak_gpu_memory_gib"] = summary["peak_gpu_memory_gib_per_rank"][layout.rank]  # this rank's
     summary.update(steady_figures(hist))
+    # seconds per optimizer step over each logging interval, in order (warm-up included): a run's slow stretches
+    summary["logged_step_times_s"] = [h["step_time"] for h in hist if "step_time" in h]
     if evals:
         summary["eval_loss_final"] = evals[-1]
         summary["eval_loss_best"] = min(evals)
