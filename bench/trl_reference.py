@@ -5,6 +5,12 @@
 
 Measures, per optimizer step after --warmup steps, real (non-pad) tokens/s with a device sync at every step end, plus
 the peak allocated GPU memory; writes JSON. bench/throughput.py runs this next to lorafit in one invocation.
+
+Two clocks per step (`StepTimer`): `real_tokens_per_s` divides a step's tokens by the wall time from the previous
+step's end to its own end, which is how lorafit's own figure is taken (the time between two training logs), so the two
+sides count the same work: the batch fetch, HF's loop, the logging, the step. `real_tokens_per_s_in_step` is the
+clock this script used up to 2026-12-02 (on_step_begin to on_step_end only): it leaves out what happens between two
+steps, which lorafit's figure never did.
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ from trl import SFTConfig, SFTTrainer
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step, synchronized so queued GPU work is counted in the step that issued it."""
+    """Wall time of each optimizer step, synchronized so queued GPU work is counted in the step that issued it: from its
+    own begin (`times`) and from the previous step's end (`cycles`; None for the first step)."""
 
     def __init__(self):
         self.times: list[float] = []
-        self._t = None
+        self.cycles: list[float | None] = []
+        self._t = self._end = None
 
     def on_step_begin(self, args, state, control, **kw):
         torch.cuda.synchronize()  # host-device sync: start the clock with an empty queue
@@ -34,7 +42,16 @@ class StepTimer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         torch.cuda.synchronize()  # host-device sync
-        self.times.append(time.perf_counter() - self._t)
+        now = time.perf_counter()
+        self.times.append(now - self._t)
+        self.cycles.append(None if self._end is None else now - self._end)
+        self._end = now
+
+
+def step_rates(counts: list[int], seconds: list[float | None], warmup: int, steps: int) -> list[float]:
+    """Real tokens/s of steps warmup .. steps-1: step i consumed counts[i] tokens (the dataloader may have prefetched
+    more) in seconds[i]."""
+    return [c / t for c, t in zip(counts[warmup:steps], seconds[warmup:steps]) if t]
 
 
 class CountingCollator:
@@ -82,12 +99,17 @@ def main() -> None:
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
     # The dataloader may prefetch; step i consumed counts[i] (no gradient accumulation here).
-    per_step = [c / t for c, t in zip(counts[a.warmup:a.steps], timer.times[a.warmup:])]
+    warm = max(a.warmup, 1)  # the first step has no cycle
+    per_step = step_rates(counts, timer.cycles, warm, a.steps)
+    in_step = step_rates(counts, timer.times, warm, a.steps)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     res = {
         "name": ("trl_tuned" if a.tuned else "trl_seed") + ("_all_linear" if a.all_linear else ""),
         "real_tokens_per_s": statistics.median(per_step),
-        "s_per_step": statistics.median(timer.times[a.warmup:]),
+        "real_tokens_per_s_in_step": statistics.median(in_step),
+        "s_per_step": statistics.median(timer.cycles[warm:]),
+        "s_per_step_in_step": statistics.median(timer.times[warm:]),
+        "step_times_s": [round(t, 4) for t in timer.cycles[1:]],
         "tokens_per_step": statistics.mean(counts[a.warmup:a.steps]),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "first_losses": losses[:10],

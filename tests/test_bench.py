@@ -1,0 +1,40 @@
+"""The benchmark scripts' own arithmetic (bench/): what runs on the GPU box must count right."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import profile_step  # noqa: E402
+import trl_reference  # noqa: E402
+
+
+def test_trl_reference_rates_pair_each_step_with_its_own_tokens():
+    # step i consumed counts[i]; the prefetched 5th count has no step; the first step has no cycle (None)
+    counts = [100, 200, 300, 400, 999]
+    cycles = [None, 2.0, 3.0, 4.0]
+    assert trl_reference.step_rates(counts, cycles, 1, 4) == [100.0, 100.0, 100.0]
+    assert trl_reference.step_rates(counts, cycles, 0, 4) == [100.0, 100.0, 100.0]  # the None is skipped
+    assert trl_reference.step_rates(counts, [1.0, 1.0, 2.0, 2.0], 2, 4) == [150.0, 200.0]
+
+
+def test_gap_analysis_names_what_the_host_was_doing(tmp_path):
+    """Two kernels 290 us apart: one gap, ended by a kernel that aten::mm launched inside Optimizer.step 248 us
+    before it ran; one stream sync inside Optimizer.step."""
+    ev = [{"ph": "X", "cat": "cpu_op", "name": "Optimizer.step", "ts": 0, "dur": 100, "tid": 1},
+          {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 50, "dur": 10, "tid": 1},
+          {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 52, "dur": 2, "tid": 1,
+           "args": {"correlation": 7}},
+          {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 30, "dur": 2, "tid": 1,
+           "args": {"correlation": 8}},
+          {"ph": "X", "cat": "kernel", "name": "k1", "ts": 0, "dur": 10, "args": {"correlation": 6}},
+          {"ph": "X", "cat": "kernel", "name": "k2", "ts": 300, "dur": 10, "args": {"correlation": 7}},
+          {"ph": "X", "cat": "kernel", "name": "k3", "ts": 350, "dur": 10, "args": {"correlation": 9}}]  # 40 us gap
+    (tmp_path / "t.json").write_text(json.dumps({"traceEvents": ev}))
+    got = profile_step.gaps_from_trace(tmp_path / "t.json")
+    assert got["gaps"] == 1 and got["idle_ms_total_over_gaps"] == 0.29
+    (gap,) = got["largest"]
+    assert gap["after_kernel"] == "k1" and gap["next_kernel"] == "k2"
+    assert gap["next_launched_ms_before_it_ran"] == 0.248 and gap["host_ops_at_launch"] == ["Optimizer.step", "aten::mm"]
+    assert got["sync_calls"] == [("cudaStreamSynchronize > Optimizer.step", 1)]
