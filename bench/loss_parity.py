@@ -2,7 +2,8 @@
 
     . .gpu/env.sh; python3 bench/loss_parity.py --model DIR_OR_GGUF --data $GUANACO_1K --out $OUT/parity --steps 50
 
-The reference is `llama2_guanaco` (seed settings: padded batches, sdpa, gradient checkpointing, no Liger). The other
+The reference is `llama2_guanaco` (seed settings: padded batches, sdpa, gradient checkpointing, no Liger; TRL's own
+fused LM head). The other
 side is `llama2_guanaco_fast` with `data.packing=false data.padding_free=true`: every fast-path lever (varlen flash
 attention over padding-free batches, the fused 4-bit LoRA layers, the sync-free 32-bit AdamW, Liger's fused RMSNorm/SwiGLU/RoPE/linear+cross-entropy, no recompute) while each optimizer
 step sees the same rows in the same order as the reference (same sampler seed). bfd packing regroups rows into other
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -29,9 +31,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL_MEAN_REL = 0.01
+# (recipe, overrides, environment). The seed side keeps TRL's own fused LM head (lorafit.fastpath.bench_off), so the
+# reference has none of lorafit's fast-path code in its loss.
 SIDES = {
-    "seed": ("llama2_guanaco", []),
-    "fast_padding_free": ("llama2_guanaco_fast", ["data.packing=false", "data.padding_free=true"]),
+    "seed": ("llama2_guanaco", [], {"LORAFIT_BENCH_OFF": "indexed_lm_head"}),
+    "fast_padding_free": ("llama2_guanaco_fast", ["data.packing=false", "data.padding_free=true"], {}),
 }
 
 
@@ -42,7 +46,7 @@ def model_sets(model: str) -> list[str]:
     return [f"model.name={p}"]
 
 
-def run(recipe: str, sets: list[str], run_dir: Path, log: Path) -> int:
+def run(recipe: str, sets: list[str], run_dir: Path, log: Path, env: dict | None = None) -> int:
     cmd = [sys.executable, str(REPO / "src/train.py"), "--recipe", recipe]
     for s in sets + [f"output.dir={run_dir}", "logging.steps=1", "logging.progress_bar=false",
                      "checkpoint.every_steps=0", "checkpoint.every_minutes=0"]:
@@ -51,7 +55,8 @@ def run(recipe: str, sets: list[str], run_dir: Path, log: Path) -> int:
     with open(log, "w") as fh:
         fh.write(" ".join(cmd) + "\n")
         fh.flush()
-        return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO).returncode
+        return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+                              env=dict(os.environ, **(env or {}))).returncode
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -84,11 +89,11 @@ def main() -> None:
     res: dict = {"model": a.model, "steps": a.steps, "goal_mean_rel_diff": GOAL_MEAN_REL, "pairs": {}}
     for dropout in a.dropouts.split(","):
         curves, rcs, summaries = {}, {}, {}
-        for side, (recipe, sets) in SIDES.items():
+        for side, (recipe, sets, env) in SIDES.items():
             name = f"{side}-dropout{dropout}"
             run_dir = Path(a.scratch) / name
             t0 = time.time()
-            rcs[side] = run(recipe, common + sets + [f"lora.dropout={dropout}"], run_dir, out / f"{name}.log")
+            rcs[side] = run(recipe, common + sets + [f"lora.dropout={dropout}"], run_dir, out / f"{name}.log", env)
             if rcs[side] == 0:
                 curves[side] = losses(run_dir)
                 s = json.loads((run_dir / "summary.json").read_text())
