@@ -16,17 +16,22 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("recipe,optimizer", [("llama2_guanaco", "paged_adamw_32bit"),
-                                              ("llama2_guanaco_fast", "paged_adamw_32bit"),
-                                              ("llama2_guanaco_fast", "lorafit_adamw_32bit")])
-def test_cli_trains_on_gpu_bf16(tmp_path, tiny_llama_dir, guanaco_dir, recipe, optimizer):
+@pytest.mark.parametrize("recipe,optimizer,extra", [("llama2_guanaco", "paged_adamw_32bit", []),
+                                                    ("llama2_guanaco_fast", "paged_adamw_32bit", []),
+                                                    ("llama2_guanaco_fast", "lorafit_adamw_32bit", []),
+                                                    ("llama2_guanaco_fast", "lorafit_adamw_32bit",
+                                                     ["quantization.dequant_kernel=triton"])])
+def test_cli_trains_on_gpu_bf16(tmp_path, tiny_llama_dir, guanaco_dir, recipe, optimizer, extra):
     out = tmp_path / "run"
     sets = tiny_overrides(tiny_llama_dir, guanaco_dir, out, steps=4)
     # back to the recipe's own GPU settings: bf16 compute, its optimizer (the fast recipe: varlen attention too)
     sets += ["--set", "quantization.compute_dtype=bfloat16", "--set", f"training.optimizer={optimizer}"]
+    sets += [x for e in extra for x in ("--set", e)]
     first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
     r = run_cli(["--recipe", recipe, *sets], env={"CUDA_VISIBLE_DEVICES": first})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    if extra:  # lorafit.model logs the kernel the fused layers run
+        assert "Triton dequantize" in r.stdout + r.stderr
     s = read_summary(out)
     assert s["steps"] == 4 and s["layout"] == "single"
     assert s["peak_gpu_memory_gib"] > 0
@@ -225,3 +230,23 @@ def test_packed_step_with_indexed_lm_head_never_syncs_and_matches_trls_head():
     assert len(g_ours) == len(g_ref) > 0
     for a, b in zip(g_ours, g_ref):
         assert ((a - b).norm() / b.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_triton_dequantize_is_bitsandbytes_bit_for_bit(dtype):
+    """quantization.dequant_kernel=triton (lorafit.fused._triton_dequantize) against bitsandbytes' own CUDA kernel:
+    the same values bit for bit, at a 7B's q_proj and mlp sizes and at sizes that end mid-block."""
+    import bitsandbytes.functional as F
+
+    from lorafit import fused
+
+    dt = getattr(torch, dtype)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for shape in [(4096, 4096), (11008, 4096), (96, 200), (7, 66)]:
+        w = torch.randn(shape, device="cuda", dtype=dt, generator=g)
+        q, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4", quant_storage=torch.uint8)
+        assert fused._triton_covers(q, qs)
+        want = F.dequantize_4bit(q, qs)
+        got = fused._triton_dequantize(q, qs)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want), (shape, (got.float() - want.float()).abs().max().item())

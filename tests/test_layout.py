@@ -118,7 +118,7 @@ def test_checkpointing_off_has_no_mode():
     assert lay.gradient_checkpointing is False and lay.gradient_checkpointing_kwargs == {}
 
 
-def test_layout_decides_fused_and_kept_weights():
+def test_layout_decides_fused_and_kept_weights(monkeypatch):
     fast = load_recipe("llama2_guanaco_fast")
     assert fast.lora.fused
     single = gpu(fast, {})
@@ -131,6 +131,23 @@ def test_layout_decides_fused_and_kept_weights():
     zero2 = gpu(fast, dist_env(2, 0, 0, **DS, ACCELERATE_DEEPSPEED_ZERO_STAGE="2", ACCELERATE_MIXED_PRECISION="bf16"),
                 gpus=2)
     assert zero2.indexed_lm_head and gpu(fast, dist_env(2, 0, 0), gpus=2).indexed_lm_head
+    tri = load_recipe("llama2_guanaco_fast", ["quantization.dequant_kernel=triton"])
+    assert single.dequant_kernel == "bitsandbytes"  # the default
+    cpu = layout.decide(tri, env={}, cuda_available=False)
+    assert cpu.dequant_kernel == "bitsandbytes" and any("dequant_kernel=bitsandbytes: a CPU run" in n for n in cpu.notes)
+    import importlib.util
+
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "triton" else real_find(n, *a))
+    assert gpu(tri, {}).dequant_kernel == "triton"  # a GPU with Triton: lorafit's kernel
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "triton" else real_find(n, *a))
+    no_triton = gpu(tri, {})
+    monkeypatch.undo()
+    assert no_triton.dequant_kernel == "bitsandbytes" and any("Triton is not installed" in n for n in no_triton.notes)
+    for extra, msg in ((["lora.fused=false"], "set lora.fused=true"), (["quantization.double_quant=true"], "plain NF4")):
+        with pytest.raises(UserError, match=msg):
+            layout.decide(load_recipe("llama2_guanaco_fast", ["quantization.dequant_kernel=triton", *extra]), env={},
+                          cuda_available=False)
     keep = load_recipe("llama2_guanaco_fast", ["quantization.keep_dequantized=true"])
     assert gpu(keep, {}).keep_dequantized
     with pytest.raises(UserError, match="needs lora.fused=true"):

@@ -20,6 +20,12 @@ skipping the second dequantize (2 bytes per base parameter of extra activation m
 without gradient checkpointing and activation offloading, under which the kept weights would be recomputed or copied
 to the host).
 
+`quantization.dequant_kernel=triton` dequantizes with lorafit's Triton kernel instead of bitsandbytes'
+(`_triton_dequantize`): bitsandbytes' `kDequantizeBlockwise` moved ~2.2 TB/s on an H200 (445 calls, 15.2 ms per
+7B step, docs/benchmarks.md call Q2), under half the memory bandwidth, for an elementwise job: two 4-bit codes per
+byte looked up in the 16-value NF4 table and scaled by their block's absmax, in float32, rounded once to the output
+dtype, the arithmetic of bitsandbytes' kernel (the GPU test compares the two bit for bit).
+
 The fused function runs only where it computes exactly what PEFT would: training with grad enabled, one active
 vanilla LoRA adapter (no DoRA or other variant, no lora bias, not merged, adapters enabled), no extra forward
 arguments, and the adapter's dtype equal to the activations' (bf16 after TRL's cast on a GPU) or float32 activations
@@ -33,11 +39,13 @@ from __future__ import annotations
 import functools
 
 
-def _dequantize(weight, dtype):
+def _dequantize(weight, dtype, kernel: str = "bitsandbytes"):
     import torch
 
     qs = weight.quant_state
-    if not qs.nested and weight.shape[0] != 1:
+    if kernel == "triton" and weight.is_cuda and _triton_covers(weight, qs):
+        w = _triton_dequantize(weight, qs)
+    elif not qs.nested and weight.shape[0] != 1:
         # bitsandbytes' own op, called as bitsandbytes.functional.dequantize_4bit calls it for a plain (not double-
         # quantized, not transposed) weight, without that wrapper's per-call validation of a quant state that
         # never changes: 445 calls per step on a 7B, where the host's time per call is what the GPU waits for.
@@ -48,6 +56,47 @@ def _dequantize(weight, dtype):
 
         w = bnbf.dequantize_4bit(weight, qs)  # (out, in) in the quant state's dtype
     return w if w.dtype == dtype else w.to(dtype)
+
+
+def _triton_covers(weight, qs) -> bool:
+    import torch
+
+    return (qs.quant_type == "nf4" and not qs.nested and qs.blocksize % 2 == 0 and weight.shape[0] != 1
+            and weight.dtype == torch.uint8 and qs.dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+@functools.cache
+def _triton_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def nf4_dequantize(packed, absmax, table, out, n_bytes, QBLOCK: tl.constexpr, BLOCK: tl.constexpr):
+        # BLOCK bytes -> 2 * BLOCK values: the high nibble is the first of each pair, as bitsandbytes packs them
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < n_bytes
+        b = tl.load(packed + offs, mask=inside, other=0).to(tl.int32)
+        scale = tl.load(absmax + (offs * 2) // QBLOCK, mask=inside, other=0.0)  # both nibbles: one block (even)
+        hi = tl.load(table + ((b >> 4) & 15)) * scale
+        lo = tl.load(table + (b & 15)) * scale
+        vals = tl.interleave(hi, lo).to(out.dtype.element_ty, fp_downcast_rounding="rtne")
+        o = pid * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
+        tl.store(out + o, vals, mask=o < 2 * n_bytes)
+
+    return nf4_dequantize
+
+
+def _triton_dequantize(weight, qs):
+    import torch
+    import triton
+
+    out = torch.empty(qs.shape, dtype=qs.dtype, device=weight.device)
+    n = weight.numel()
+    table = qs.code if qs.code.dtype == torch.float32 else qs.code.float()
+    block = 1024
+    _triton_kernel()[(triton.cdiv(n, block),)](weight, qs.absmax, table, out, n, QBLOCK=qs.blocksize, BLOCK=block)
+    return out
 
 
 @functools.cache
@@ -62,8 +111,9 @@ def _function_class():
         """
 
         @staticmethod
-        def forward(ctx, x, lora_a, lora_b, weight, bias, scale: float, p: float, keep: bool):
-            w = _dequantize(weight, x.dtype)
+        def forward(ctx, x, lora_a, lora_b, weight, bias, scale: float, p: float, keep: bool,
+                    kernel: str = "bitsandbytes"):
+            w = _dequantize(weight, x.dtype, kernel)
             x2 = x.reshape(-1, x.shape[-1])
             out = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x2, w.t())
             xd = mask = h = a = b = None
@@ -75,7 +125,7 @@ def _function_class():
                     xd = x2
                 h = torch.mm(xd, a.t())  # (tokens, r)
                 out.addmm_(h, b.t(), alpha=scale)  # the scale and the add ride in the GEMM epilogue
-            ctx.scale, ctx.p, ctx.weight, ctx.has_bias = scale, p, weight, bias is not None
+            ctx.scale, ctx.p, ctx.weight, ctx.has_bias, ctx.kernel = scale, p, weight, bias is not None, kernel
             ctx.adapter_dtype = None if lora_a is None else lora_a.dtype
             ctx.save_for_backward(xd, mask, h, a, b, w if keep else None)
             return out.view(*x.shape[:-1], out.shape[-1])
@@ -87,7 +137,7 @@ def _function_class():
             need_x, need_a, need_b, _, need_bias = ctx.needs_input_grad[:5]
             gx = ga = gb = gbias = None
             if need_x:
-                w = _dequantize(ctx.weight, g2.dtype) if w is None else w
+                w = _dequantize(ctx.weight, g2.dtype, ctx.kernel) if w is None else w
                 gx = torch.mm(g2, w)  # (tokens, in)
             if a is not None and (need_x or need_a or need_b):
                 s = ctx.scale
@@ -105,7 +155,7 @@ def _function_class():
                 gbias = g2.sum(0)
             if gx is not None:
                 gx = gx.view(*g.shape[:-1], gx.shape[-1])
-            return gx, ga, gb, None, gbias, None, None, None
+            return gx, ga, gb, None, gbias, None, None, None, None
 
     return NF4LoRALinear
 
@@ -133,6 +183,7 @@ def _classes():
 
     class FusedFrozen4bit(bnb.nn.Linear4bit):
         keep_dequantized = False
+        dequant_kernel = "bitsandbytes"
 
         def forward(self, x):
             if not torch.is_grad_enabled():
@@ -140,10 +191,12 @@ def _classes():
             fix_4bit_weight_quant_state_from_module(self)
             if not plain_4bit(self, x) or (self.bias is not None and self.bias.requires_grad):
                 return super().forward(x)
-            return fn.apply(x, None, None, self.weight, self.bias, 1.0, 0.0, self.keep_dequantized)
+            return fn.apply(x, None, None, self.weight, self.bias, 1.0, 0.0, self.keep_dequantized,
+                            self.dequant_kernel)
 
     class FusedLoRA4bit(PeftLinear4bit):
         keep_dequantized = False
+        dequant_kernel = "bitsandbytes"
 
         def forward(self, x, *args, **kwargs):
             base = self.base_layer
@@ -164,7 +217,7 @@ def _classes():
             drop = self.lora_dropout[name]
             p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
             return fn.apply(x, a.weight, b.weight, base.weight, base.bias, float(self.scaling[name]), p,
-                            self.keep_dequantized)
+                            self.keep_dequantized, self.dequant_kernel)
 
     return FusedFrozen4bit, FusedLoRA4bit
 
@@ -180,7 +233,7 @@ def counts(model) -> dict[str, int]:
     return got
 
 
-def install(model, keep_dequantized: bool = False) -> dict[str, int]:
+def install(model, keep_dequantized: bool = False, dequant_kernel: str = "bitsandbytes") -> dict[str, int]:
     """Switch every 4-bit linear of `model` (a PEFT model) to the fused forward; returns how many of each kind."""
     import bitsandbytes as bnb
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
@@ -197,4 +250,5 @@ def install(model, keep_dequantized: bool = False) -> dict[str, int]:
         else:
             continue
         m.keep_dequantized = keep_dequantized
+        m.dequant_kernel = dequant_kernel
     return counts

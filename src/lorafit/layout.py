@@ -35,6 +35,8 @@ Why:
 - The fused 4-bit layers (lora.fused, lorafit.fused) run on cpu, single, ddp and zero2; ZeRO-3 keeps PEFT's and
   bitsandbytes' layers, whose sharded weights DeepSpeed gathers through its module hooks. Kept 16-bit weights
   (quantization.keep_dequantized) need a run without recompute and offloading.
+- The fused layers' NF4 dequantize is bitsandbytes' kernel unless quantization.dequant_kernel=triton asks for
+  lorafit's, which runs on a GPU with Triton (a CPU run keeps bitsandbytes', with a note).
 - The training loss's LM head runs on positions the collator indexes on the host (lorafit.fastpath, no device sync)
   everywhere but ZeRO-3, whose sharded head weight TRL's fused head gathers first.
 """
@@ -95,6 +97,7 @@ class Layout:
     fused_4bit: bool = False  # lorafit.fused swaps the 4-bit linears (lora.fused, where the layout allows it)
     keep_dequantized: bool = False  # ... and keeps their 16-bit weights for the backward
     indexed_lm_head: bool = True  # the training loss's LM head on host-indexed positions (lorafit.fastpath)
+    dequant_kernel: str = "bitsandbytes"  # the fused layers' NF4 dequantize: bitsandbytes | triton (lorafit.fused)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -286,6 +289,20 @@ def decide(
     if keep and gc:
         keep = False
         notes.append("quantization.keep_dequantized off: the memory planner turned gradient checkpointing on")
+    dequant = q.dequant_kernel
+    if dequant == "triton":
+        if not cfg.lora.fused:
+            raise UserError("quantization.dequant_kernel=triton is the fused layers' kernel; set lora.fused=true, or "
+                            "dequant_kernel=bitsandbytes")
+        if q.quant_type != "nf4" or q.double_quant:
+            raise UserError("quantization.dequant_kernel=triton dequantizes plain NF4 (quant_type=nf4, "
+                            "double_quant=false); set those, or dequant_kernel=bitsandbytes")
+        import importlib.util
+
+        if not fused or on_cpu or importlib.util.find_spec("triton") is None:
+            dequant = "bitsandbytes"
+            why = "no fused layers here" if not fused else "a CPU run" if on_cpu else "Triton is not installed"
+            notes.append(f"quantization.dequant_kernel=bitsandbytes: {why}")
 
     return Layout(
         kind=kind,
@@ -311,6 +328,7 @@ def decide(
         keep_dequantized=keep,
         # ZeRO-3 shards the LM head's weight: TRL's fused head gathers it, the indexed head would read the shard
         indexed_lm_head=kind != "zero3",
+        dequant_kernel=dequant,
         notes=notes,
     )
 

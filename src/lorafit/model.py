@@ -222,9 +222,10 @@ def load_model(cfg: Recipe, layout: Layout, source: str, tokenizer):
     if layout.fused_4bit:
         from lorafit import fused
 
-        n = fused.install(model, keep_dequantized=layout.keep_dequantized)
-        log.info("fused 4-bit layers: %d with LoRA, %d frozen%s", n["lora"], n["frozen"],
-                 " (16-bit weights kept for the backward)" if layout.keep_dequantized else "")
+        n = fused.install(model, keep_dequantized=layout.keep_dequantized, dequant_kernel=layout.dequant_kernel)
+        log.info("fused 4-bit layers: %d with LoRA, %d frozen%s%s", n["lora"], n["frozen"],
+                 " (16-bit weights kept for the backward)" if layout.keep_dequantized else "",
+                 ", Triton dequantize" if layout.dequant_kernel == "triton" else "")
     # No dtype fix-up for ZeRO-3 here: TRL recasts LoRA weights to bf16 when it wraps a quantized model, and
     # DeepSpeed's bf16/fp16 mode then casts every float parameter to the compute dtype (lorafit.layout explains why
     # the 4-bit storage dtype must equal it).

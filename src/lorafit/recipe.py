@@ -90,6 +90,10 @@ class QuantizationConfig:
         "dequantizing it twice (+2 bytes per base parameter of GPU memory; only without gradient checkpointing and "
         "activation offloading)."
     )
+    dequant_kernel: Literal["bitsandbytes", "triton"] = f(
+        "bitsandbytes", "With lora.fused on a GPU: the NF4 dequantize kernel, bitsandbytes' or lorafit's Triton "
+        "kernel (lorafit.fused; nf4 without double_quant; the same values)."
+    )
 
 
 @dataclass
