@@ -1,6 +1,6 @@
 """Pieces of the fast path that lorafit writes itself, because the libraries that own the job fall short there.
 
-    accelerate launch src/train.py --recipe llama2_guanaco_fast        # uses both pieces below
+    accelerate launch src/train.py --recipe llama2_guanaco_fast        # uses all three pieces below
     accelerate launch src/train.py --recipe llama2_guanaco --set data.padding_free=true --set model.attn_implementation=varlen
 
 1. `model.attn_implementation=varlen`: attention over padding-free batches with PyTorch's own variable-length flash
