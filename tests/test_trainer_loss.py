@@ -129,6 +129,11 @@ def test_indexed_lm_head_gives_trls_loss_and_gradients(tmp_path, tiny_llama_dir,
         assert sft.indexed_lm_head
         idx = batch.pop(fastpath.LABEL_INDEX_KEY)
         labels = batch["labels"]
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():  # PEFT starts lora_B at zero, which would leave every lora_A gradient zero
+            for name, p in net.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
         # the host's list is the shifted labels' positions: (rows x (length - 1)), the ones not -100
         assert torch.equal(idx, (labels[:, 1:].reshape(-1) != -100).nonzero().squeeze(1))
         assert 0 < idx.numel() < labels[:, 1:].numel()  # some positions are prompt or padding: the index matters
@@ -141,10 +146,12 @@ def test_indexed_lm_head_gives_trls_loss_and_gradients(tmp_path, tiny_llama_dir,
             return loss.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None]
 
         (ours, g_ours), (ref, g_ref) = run(lorafit_label_index=idx), run(fused_lm_head=True)
-        assert g_ours and len(g_ours) == len(g_ref)
+        assert g_ours and len(g_ours) == len(g_ref) and all(b.abs().max() > 0 for b in g_ref)
         assert torch.allclose(ours, ref, rtol=1e-6, atol=1e-6), (ours.item(), ref.item())
         for a, b in zip(g_ours, g_ref):
-            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (a - b).abs().max()
+            # float32 compute, but TRL keeps the adapters (so their gradients) in bf16 here: one bf16 rounding of a
+            # differently ordered sum apart, relative error ~2^-8 per element at most
+            assert (a.float() - b.float()).norm() <= 4e-3 * b.float().norm(), (a - b).abs().max()
         with torch.no_grad():
             n = torch.tensor(3 * idx.numel())  # as if two more micro-batches shared the step
             scaled = net(**batch, use_cache=False, lorafit_label_index=idx, num_items_in_batch=n).loss
