@@ -6,6 +6,7 @@
 #      doing when each ended (gaps.json)
 #   3. side by side: llama2_guanaco_fast with fastpath.skip_mask_building (new) and without it
 # run: . .gpu/env.sh; bash bench/gpu_call_u.sh     (carry [".gpu"]; results in $OUT, written as they come)
+# A record of what ran: the switch it used, LORAFIT_BENCH_TRANSFORMERS_MASK=1, is LORAFIT_BENCH_OFF=mask_skip since.
 set -uo pipefail
 T0=$(date +%s); say() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a $OUT/u.txt; }
 M=/tmp/llama2-7b-random
