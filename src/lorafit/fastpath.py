@@ -60,18 +60,14 @@ def bench_off(piece: str) -> bool:
     return piece in os.environ.get("LORAFIT_BENCH_OFF", "").replace(",", "/").split("/")
 
 
-# The 4-D "mask" skip_mask_building hands transformers for padding-free batches: transformers returns a 4-D mask as
-# it is, without inspecting the position ids; only varlen_attention_forward receives it, and it never reads it.
-_NO_MASK = None
-
-
+@functools.cache
 def _no_mask():
-    global _NO_MASK
-    if _NO_MASK is None:
-        import torch
+    """The 4-D "mask" skip_mask_building hands transformers for padding-free batches: transformers returns a 4-D mask
+    as it is, without inspecting the position ids; only varlen_attention_forward receives it, and it never reads it.
+    One tensor, on the CPU: it never reaches a kernel."""
+    import torch
 
-        _NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # on the CPU: it never reaches a kernel
-    return _NO_MASK
+    return torch.ones((1, 1, 1, 1), dtype=torch.bool)
 
 
 def skip_mask_building(model):
@@ -106,7 +102,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     cu = kwargs.get("cu_seq_lens_q")
     if (cu is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or dropout
             or getattr(module, "sliding_window", None) or kwargs.get("sliding_window")):
-        if attention_mask is not None and attention_mask is _NO_MASK:
+        if attention_mask is not None and attention_mask is _no_mask():
             raise RuntimeError("lorafit.fastpath: a batch given the varlen placeholder mask is not one the varlen "
                                "kernel attends; skip_mask_building's conditions are out of step with this function")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
