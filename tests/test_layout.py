@@ -284,8 +284,21 @@ def test_refusal_through_the_cli_is_one_line_and_exit_2(tmp_path):
 
 def launch_env(config: Path, num_processes: int | None = 2) -> dict:
     """The environment `accelerate launch --config_file CONFIG [--num_processes N]` gives each training process,
-    computed by accelerate's own launcher code (nothing is started)."""
+    computed by accelerate's own launcher code (nothing is started), as on a CUDA machine: accelerate >= 1.16 turns
+    `gpu_ids` into CUDA_VISIBLE_DEVICES only for the accelerator backend it detects, and on this CPU build of torch
+    it detects none (seen on CI: single_gpu.yaml then left both GPUs of the simulated machine visible)."""
+    from unittest import mock
+
+    import accelerate.utils.launch as accelerate_launch
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    if hasattr(accelerate_launch, "get_torch_accelerator_backend"):
+        with mock.patch.object(accelerate_launch, "get_torch_accelerator_backend", return_value=("cuda", None)):
+            return _launch_env(config, num_processes, _validate_launch_command, launch_command_parser)
+    return _launch_env(config, num_processes, _validate_launch_command, launch_command_parser)
+
+
+def _launch_env(config, num_processes, _validate_launch_command, launch_command_parser) -> dict:
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     argv = ["--config_file", str(config)] + (["--num_processes", str(num_processes)] if num_processes else [])
