@@ -287,31 +287,30 @@ def launch_env(config: Path, num_processes: int | None = 2) -> dict:
     computed by accelerate's own launcher code (nothing is started), as on a CUDA machine: accelerate >= 1.16 turns
     `gpu_ids` into CUDA_VISIBLE_DEVICES only for the accelerator backend it detects, and on this CPU build of torch
     it detects none (seen on CI: single_gpu.yaml then left both GPUs of the simulated machine visible)."""
+    from contextlib import nullcontext
     from unittest import mock
 
     import accelerate.utils.launch as accelerate_launch
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-
-    if hasattr(accelerate_launch, "get_torch_accelerator_backend"):
-        with mock.patch.object(accelerate_launch, "get_torch_accelerator_backend", return_value=("cuda", None)):
-            return _launch_env(config, num_processes, _validate_launch_command, launch_command_parser)
-    return _launch_env(config, num_processes, _validate_launch_command, launch_command_parser)
-
-
-def _launch_env(config, num_processes, _validate_launch_command, launch_command_parser) -> dict:
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
+    as_cuda = (
+        mock.patch.object(accelerate_launch, "get_torch_accelerator_backend", return_value=("cuda", None))
+        if hasattr(accelerate_launch, "get_torch_accelerator_backend")
+        else nullcontext()  # an accelerate without that backend lookup sets CUDA_VISIBLE_DEVICES regardless
+    )
     argv = ["--config_file", str(config)] + (["--num_processes", str(num_processes)] if num_processes else [])
     args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args([*argv, "src/train.py"]))
-    if args.use_deepspeed:
-        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
-        env = prepare_deepspeed_cmd_env(args)[1]
-    elif args.multi_gpu:
-        env = prepare_multi_gpu_env(args)
-    else:
-        from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+    with as_cuda:
+        if args.use_deepspeed:
+            args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+            env = prepare_deepspeed_cmd_env(args)[1]
+        elif args.multi_gpu:
+            env = prepare_multi_gpu_env(args)
+        else:
+            from accelerate.utils.launch import prepare_simple_launcher_cmd_env
 
-        env = prepare_simple_launcher_cmd_env(args)[1]
+            env = prepare_simple_launcher_cmd_env(args)[1]
     env["NPROC_PER_NODE"] = str(getattr(args, "nproc_per_node", 1))
     return env
 
