@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU call AC (a fresh machine after call AB, ~5 min), issue 6: the q,v pair of call X twice more, interleaved, to see
-# whether call X's median ratio (1.485x, pairs 1.44/1.50/1.49) holds on another start of the box.
+# whether call X's median ratio (1.485x, pairs 1.44/1.49/1.49) holds on another start of the box.
 # run: . .gpu/env.sh; bash bench/gpu_call_ac.sh     (carry [".gpu"])
 set -uo pipefail
 M=/tmp/llama2-7b-random
