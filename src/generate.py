@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-import warnings
 from pathlib import Path
 
-from lorafit import data, evaluate, layout, model, recipe
-from lorafit.errors import EXIT_USER_ERROR, UserError
-
-log = logging.getLogger("lorafit")
+from lorafit import cli, data, hub, layout, model, recipe
+from lorafit.console import log
+from lorafit.errors import UserError
 
 
 def find_recipe(folder: Path) -> Path | None:
@@ -60,14 +57,21 @@ def run_format(recipe_path: Path | None, cfg: recipe.Recipe) -> str:
 
 def load(run: Path, base_only: bool, device: str):
     """(model, tokenizer, renderer) for --run."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not run.is_dir():
         raise UserError(f"--run {run}: no such folder; give a run folder (output.dir), a checkpoint or a merged model")
     recipe_path = find_recipe(run)
-    adapter = find_adapter(run)
     cfg = recipe.load_recipe(str(recipe_path)) if recipe_path else recipe.Recipe()
+    if recipe_path is None:
+        hub.go_offline()  # a merged model folder: everything is local
+    else:
+        hub.decide_offline(cfg)  # before transformers is imported
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafit import console
+
+    console.adopt_library_loggers()
+    adapter = find_adapter(run)
     if device != "auto":
         cfg = recipe.set_value(cfg, "training.device", device)
     if adapter is not None or (base_only and recipe_path is not None):
@@ -156,6 +160,8 @@ def answer(net, tok, ids: list[int], max_new_tokens: int, temperature: float, st
     import torch
     from transformers import GenerationConfig
 
+    from lorafit import evaluate
+
     stop = evaluate.eos_ids(net, tok)
     cfg = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -211,44 +217,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-only", action="store_true", help="the run's base model without its adapter")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: CUDA when available")
     args = p.parse_args(argv)
-    # stdout carries only answers; logs and library warnings go to stderr.
-    logging.basicConfig(
-        format="%(asctime)s lorafit: %(message)s", datefmt="%H:%M:%S", level=logging.INFO, stream=sys.stderr
-    )
-    import transformers
+    return cli.guarded(lambda: run(args), stream=sys.stderr)  # stdout carries only answers; logs go to stderr
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    for pattern in (".*kernels-community.*", ".*gguf.*", ".*MatMul8bitLt.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
-        if args.max_new_tokens <= 0:
-            raise UserError(f"--max-new-tokens {args.max_new_tokens}: give a positive number of tokens")
-        if args.temperature < 0:
-            raise UserError(f"--temperature {args.temperature}: give 0 (greedy) or a positive temperature")
-        net, tok, renderer, cfg = load(Path(args.run), args.base_only, args.device)
-        if args.system is None:
-            args.system = cfg.data.system_prompt
-        if args.prompt is not None:
-            if not args.prompt.strip():
-                raise UserError("--prompt is empty; give the text to answer")
-            answer(
-                net,
-                tok,
-                renderer.prompt_ids(args.prompt, args.system),
-                args.max_new_tokens,
-                args.temperature,
-                stream=True,
-            )
-        else:
-            chat(net, tok, renderer, args)
-    except UserError as e:
-        print(f"lorafit: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("\nlorafit: interrupted", file=sys.stderr)
-        return 130
+
+def run(args) -> int:
+    if args.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: give a positive number of tokens")
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature}: give 0 (greedy) or a positive temperature")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty; give the text to answer")
+    net, tok, renderer, cfg = load(Path(args.run), args.base_only, args.device)
+    if args.system is None:
+        args.system = cfg.data.system_prompt
+    if args.prompt is not None:
+        answer(net, tok, renderer.prompt_ids(args.prompt, args.system), args.max_new_tokens, args.temperature,
+               stream=True)
+    else:
+        chat(net, tok, renderer, args)
     return 0
 
 

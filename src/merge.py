@@ -24,14 +24,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lorafit import checkpoint, cli, model, recipe
-from lorafit.errors import EXIT_USER_ERROR, UserError
+from lorafit import cli, hub, recipe
+from lorafit.console import log
+from lorafit.errors import UserError
 
 _SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
 
 
 def find_adapter(path: Path) -> tuple[Path, Path]:
     """(adapter folder, run folder) for --run; a checkpoint is verified against its manifest first."""
+    from lorafit import checkpoint
+
     if not path.is_dir():
         raise UserError(f"--run {path}: no such folder; give a run folder (output.dir) or a checkpoint folder")
     if (path / checkpoint.MANIFEST).is_file():
@@ -42,28 +45,32 @@ def find_adapter(path: Path) -> tuple[Path, Path]:
     ckpts = checkpoint.committed(path)
     if ckpts:
         checkpoint.verify(ckpts[-1][1])
-        cli.log.info("%s has no final adapter (the run did not finish); using %s", path, ckpts[-1][1])
+        log.info("%s has no final adapter (the run did not finish); using %s", path, ckpts[-1][1])
         return ckpts[-1][1], path
     raise UserError(f"--run {path} holds no adapter_model.safetensors and no committed checkpoint")
 
 
 def merge(run: Path, out: Path | None, max_shard_size: str, dtype_name: str) -> Path:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not _SIZE.match(max_shard_size.strip()):
         raise UserError(f"--max-shard-size {max_shard_size!r}: give a size such as 5GB, 500MB or 2GiB")
     adapter, run_dir = find_adapter(run)
     if not (run_dir / "recipe.yaml").is_file():
         raise UserError(f"{run_dir} has no recipe.yaml, so its base model is unknown; is it a lorafit run folder?")
     cfg = recipe.load_recipe(str(run_dir / "recipe.yaml"))
+    hub.decide_offline(cfg)  # before transformers is imported
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafit import console, model
+
+    console.adopt_library_loggers()
     out = Path(out) if out else run_dir / "merged"
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; pick another folder or delete it")
     source = model.materialize(cfg.model)  # a GGUF base is converted once to a cached 16-bit checkpoint
     dtype = getattr(torch, dtype_name)
-    cli.log.info("loading the base %s in %s (not 4-bit) and the adapter from %s", source, dtype_name, adapter)
+    log.info("loading the base %s in %s (not 4-bit) and the adapter from %s", source, dtype_name, adapter)
     base = AutoModelForCausalLM.from_pretrained(
         source, dtype=dtype, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
     )
@@ -91,7 +98,7 @@ def merge(run: Path, out: Path | None, max_shard_size: str, dtype_name: str) -> 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shards = sorted(p.name for p in out.glob("*.safetensors"))
-    cli.log.info("merged model in %s: %d safetensors shard(s), %s", out, len(shards), dtype_name)
+    log.info("merged model in %s: %d safetensors shard(s), %s", out, len(shards), dtype_name)
     return out
 
 
@@ -107,13 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         help="dtype of the base and of the merged weights (default bfloat16)",
     )
     args = p.parse_args(argv)
-    cli.setup_logging()
-    try:
-        merge(Path(args.run), Path(args.out) if args.out else None, args.max_shard_size, args.dtype)
-    except UserError as e:
-        print(f"lorafit: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
+    return cli.guarded(lambda: merge(Path(args.run), Path(args.out) if args.out else None, args.max_shard_size,
+                                     args.dtype) and 0)
 
 
 if __name__ == "__main__":

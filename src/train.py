@@ -13,14 +13,16 @@ Data flows one way: recipe -> layout -> data/model -> trainer -> run dir. Each s
 
 import sys
 
-from lorafit import checkpoint, cli, evaluate, layout, model, plan, recipe, tb, trainer
-from lorafit.dist import main_first, prepare_data
+from lorafit import cli, hub, recipe
+from lorafit.console import log
 
 
 def train(args, holder) -> int:
     clock = cli.Stopwatch()
-    clock.lap("start-up")  # interpreter and imports
     cfg = recipe.load_recipe(args.recipe, args.overrides)
+    hub.decide_offline(cfg)  # before any Hugging Face library is imported: no retry loop without a network
+    from lorafit import layout, plan  # torch, and transformers' config reader for --plan; nothing more
+
     lay = layout.decide(cfg)
     if args.print_config:
         print(cfg.to_yaml() + "# " + lay.describe())
@@ -28,6 +30,13 @@ def train(args, holder) -> int:
     if args.plan:
         print(plan.describe(cfg, plan.shape_of(cfg.model), plan.smallest_gpu_gib(), lay))
         return 0
+    # The rest of the libraries (transformers' models, peft, TRL, bitsandbytes) load here, after lorafit's logging
+    # (cli.main) and the offline decision above, both of which they read at import.
+    from lorafit import checkpoint, console, evaluate, model, progress, tb, trainer
+    from lorafit.dist import main_first, prepare_data
+
+    console.adopt_library_loggers()
+    clock.lap("start-up")  # interpreter and imports
     model.check_source(cfg.model)  # a missing model path fails here, before anything is written
     run_dir = cli.RunDir(cfg.output.dir)
     holder.append(run_dir)
@@ -44,8 +53,8 @@ def train(args, holder) -> int:
 
     source, tok, prepared = main_first(inputs, is_local_main)
     clock.lap("data")
-    cli.log.info("%s", lay.describe())
-    cli.log.info("%s", prepared.stats.summary_line())
+    log.info("%s", lay.describe())
+    log.info("%s", prepared.stats.summary_line())
     net = model.load_model(cfg, lay, source, tok)
     clock.lap("model")
 
@@ -54,8 +63,10 @@ def train(args, holder) -> int:
         (out / "recipe.yaml").write_text(cfg.to_yaml())
     writer = tb.RankZeroWriter(str(out / "tb") if cfg.logging.tensorboard else None, lay.is_main, run.purge_step)
     evals = evaluate.EvalCallback(cfg, lay, prepared.renderer, tok, prepared.eval_conversations, writer)
-    callbacks = [tb.TensorBoardLogger(writer, cfg.to_yaml()), evals]
+    shown = progress.TrainProgress(lay.is_main, cfg.logging.progress_bar, prepared.stats.eval_rows)
+    callbacks = [tb.TensorBoardLogger(writer, cfg.to_yaml()), shown, evals]  # the eval line before its sample
     sft = trainer.build_trainer(cfg, lay, args_hf, net, tok, prepared, callbacks)
+    console.adopt_library_loggers()  # DeepSpeed, when the launch uses it, is imported by now
     run.attach(sft)  # refuses a checkpoint saved for another model or LoRA shape
     clock.lap("trainer")
     sft.train(resume_from_checkpoint=run.resume_path)
@@ -72,9 +83,10 @@ def train(args, holder) -> int:
     summary = trainer.write_summary(out, cfg, lay, sft, prepared, wall, net.get_nb_trainable_parameters()[0],
                                     extra={**evals.summary(), **run.summary_extra(sft), "phases_s": clock.laps})
     run.finish(summary)
-    cli.log.info("done: %d steps, final loss %s, %s real tokens/s; adapter in %s", summary["steps"],
-                 summary["final_loss"], summary["tokens_per_second"], out)
-    cli.log.info("time: %s", clock.describe())
+    log.info("done: %d steps, final loss %s, %s real tokens/s; adapter in %s", summary["steps"],
+                 f"{summary['final_loss']:.4g}" if summary["final_loss"] is not None else "n/a",
+                 f"{summary['tokens_per_second']:,.0f}" if summary["tokens_per_second"] else "n/a", out)
+    log.info("time: %s", clock.describe())
     writer.close()
     return 0
 

@@ -7,18 +7,16 @@ created is removed again, so nothing half-written is left. Any other exception i
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from lorafit import console
+from lorafit.console import is_main_process
 from lorafit.errors import EXIT_USER_ERROR, UserError
-
-log = logging.getLogger("lorafit")
 
 
 def process_start_time() -> float:
@@ -73,31 +71,6 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def setup_logging() -> None:
-    """Rank 0 logs at INFO; other ranks only warn, so a multi-GPU console reads like a single-GPU one."""
-    main = is_main_process()
-    logging.basicConfig(format="%(asctime)s lorafit: %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if main else logging.WARNING, stream=sys.stdout)
-    log.setLevel(logging.INFO if main else logging.WARNING)
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_warning() if main else transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    # Known-harmless library warnings that would otherwise bury the progress bar on every run.
-    # `gradient_checkpointing` is the argument name transformers 5.17 (the GPU image) knows; newer ones call it
-    # deprecated on every run.
-    for pattern in (".*kernels-community.*", ".*torch.utils.checkpoint.*use_reentrant.*", ".*gguf.*",
-                    ".*MatMul8bitLt.*", ".*Merge of the lora.*", "`gradient_checkpointing` is deprecated"):
-        warnings.filterwarnings("ignore", message=pattern)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-
 class RunDir:
     """The run folder; removed again if this process created it and the run ends in a user error."""
 
@@ -106,41 +79,55 @@ class RunDir:
         self.created = False
 
     def create(self) -> Path:
-        if is_main_process() and not self.path.exists():
-            self.path.mkdir(parents=True)
-            self.created = True
+        if is_main_process():
+            if not self.path.exists():
+                self.path.mkdir(parents=True)
+                self.created = True
+            console.attach_file(self.path / "log.txt")  # what was logged so far, then everything
         return self.path
 
     def discard_if_created(self) -> None:
         if self.created:
+            console.detach_file()
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-def main(run: Callable[[argparse.Namespace, RunDir | None], int], argv: list[str] | None = None,
+def main(run: Callable[[argparse.Namespace, list[RunDir]], int], argv: list[str] | None = None,
          description: str = "") -> int:
-    """Parse, set up logging, call `run(args, holder)`; turn a UserError into one line and exit code 2."""
+    """src/train.py's entry: parse, then `run(args, holder)` inside the error boundary (`guarded`)."""
     args = parser(description).parse_args(argv)
-    setup_logging()
     holder: list[RunDir] = []
-    try:
-        if args.list_recipes:
-            from lorafit.recipe import available_recipes
+    if args.list_recipes:
+        from lorafit.recipe import describe_recipes
 
-            print("\n".join(available_recipes()))
-            return 0
-        code = run(args, holder)
+        return guarded(lambda: print(describe_recipes()) or 0)
+    return guarded(lambda: run(args, holder), holder)
+
+
+def guarded(body: Callable[[], int], holder: list[RunDir] | None = None, stream=None) -> int:
+    """The error boundary of every entry point: logging first (before any library is imported), then `body()`.
+
+    A UserError becomes one line `lorafit: error: ...` on stderr and exit code 2, and a run folder this invocation
+    created is removed; any other exception is a bug and keeps its traceback (also written to the run's log)."""
+    console.setup(stream)
+    try:
+        code = body()
         # Process groups still alive when a peer has exited abort the process at shutdown (SIGABRT, seen after a
         # successful 2-process run in CI); the user-error path releases them in lorafit.dist, this is the normal one.
-        from lorafit.dist import release_groups
+        if "torch.distributed" in sys.modules:
+            from lorafit.dist import release_groups
 
-        release_groups()
+            release_groups()
         return code
     except UserError as e:
-        for rd in holder:
+        for rd in holder or []:
             rd.discard_if_created()
         if is_main_process() or os.environ.get("LORAFIT_ALL_RANKS_ERRORS"):
             sys.stderr.write(f"lorafit: error: {e}\n")  # one write: other ranks may share the stream
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("lorafit: interrupted", file=sys.stderr)
+        print("\nlorafit: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a bug: Python prints the traceback; the run's log keeps it too
+        console.file_only("lorafit stopped on an unexpected error", exc_info=True)
+        raise

@@ -226,9 +226,24 @@ def load_model(cfg: Recipe, layout: Layout, source: str, tokenizer):
         log.info("fused 4-bit layers: %d with LoRA, %d frozen%s%s", n["lora"], n["frozen"],
                  " (16-bit weights kept for the backward)" if layout.keep_dequantized else "",
                  ", Triton dequantize" if layout.dequant_kernel == "triton" else "")
+    if cfg.training.liger_kernels and layout.device != "cpu":
+        apply_liger_kernels(model)
     # No dtype fix-up for ZeRO-3 here: TRL recasts LoRA weights to bf16 when it wraps a quantized model, and
     # DeepSpeed's bf16/fp16 mode then casts every float parameter to the compute dtype (lorafit.layout explains why
     # the 4-bit storage dtype must equal it).
     trainable, total = model.get_nb_trainable_parameters()
     log.info("parameters: %s trainable / %s total (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
+
+
+def apply_liger_kernels(model) -> None:
+    """Liger's Triton kernels for RMSNorm, SwiGLU and RoPE, patched into the base model's modules (GPU only).
+
+    What TRL's `use_liger_kernel=True` did through HF Trainer (which TRL now deprecates in favour of hub kernels that
+    an offline machine cannot fetch): the same call, with the same configuration TRL forced. Liger's fused linear
+    cross-entropy stays off: it replaces the model's forward, and the training loss runs TRL's fused LM head or
+    lorafit's indexed one (lorafit.fastpath)."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _apply_liger_kernel_to_instance(model=base, fused_linear_cross_entropy=False)

@@ -188,7 +188,8 @@ class TrainingConfig:
     seed: int = f(42, "Seed of initialisation, dropout and data order.")
     eval_steps: int | None = f(None, "Evaluate every N steps (needs data.eval_fraction > 0; unset: only at the end).")
     dataloader_num_workers: int = f(0, "Worker processes feeding batches.")
-    liger_kernels: bool = f(False, "Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, linear+cross-entropy); GPU.")
+    liger_kernels: bool = f(False, "Liger's fused Triton kernels for RMSNorm, SwiGLU and RoPE (GPU; the loss keeps "
+                            "TRL's chunked LM head or lorafit's indexed one).")
     torch_compile: bool = f(False, "torch.compile the model's forward (GPU; pays off on long runs).")
     activation_offloading: bool = f(
         False, "Keep the activations saved for backward in CPU memory, copied on side streams (TRL's); with "
@@ -214,7 +215,8 @@ class TrainingConfig:
 class LoggingConfig:
     tensorboard: bool = f(True, "Write TensorBoard events under <output.dir>/tb (rank 0 only).")
     steps: int = f(1, "Log metrics every N optimizer steps.")
-    progress_bar: bool = f(True, "Show a progress bar on the console.")
+    progress_bar: bool = f(True, "Show a progress bar when the console is a terminal (one line per logging step "
+                           "otherwise, or when false); rank 0 only.")
     token_metrics: bool = f(
         False, "Log TRL's per-step entropy and token accuracy; costs ~5 host-device syncs per micro-step on a GPU."
     )
@@ -473,6 +475,21 @@ def available_recipes() -> list[str]:
         if d.is_dir():
             names.update(p.stem for p in d.glob("*.py") if not p.name.startswith("_"))
     return sorted(names)
+
+
+def describe_recipes() -> str:
+    """--list-recipes: each recipe's name and its one-line description, with the command that runs it."""
+    rows = []
+    for name in available_recipes():
+        try:
+            desc = load_recipe(name).description or "(no description)"
+        except UserError as e:  # a recipe that does not validate is listed with the reason, not hidden
+            desc = f"(does not load: {e})"
+        rows.append((name, desc))
+    width = max((len(n) for n, _ in rows), default=0)
+    lines = [f"{n:<{width}}  {d}" for n, d in rows]
+    return "\n".join(lines + ["", "run one with: accelerate launch src/train.py --recipe NAME (--print-config shows "
+                                   "every field)"])
 
 
 def _find(name_or_path: str) -> Path:

@@ -7,9 +7,11 @@ device sync per step, TensorBoard tags, and the run summary.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +34,10 @@ def build_args(cfg: Recipe, layout: Layout, run_dir: str, has_eval: bool) -> SFT
     """Training arguments. Built before the model loads: under ZeRO-3 this is what makes from_pretrained shard."""
     t = cfg.training
     on_gpu = layout.device != "cpu"
+    if not on_gpu:
+        # DeepSpeed picks its accelerator when first imported (transformers imports it while loading a model) and
+        # prints a warning when it has to fall back to the CPU; told up front, it has nothing to say.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     eval_strategy = "steps" if (has_eval and t.eval_steps) else "no"
     check_optimizer(t.optimizer)
     return SFTConfig(
@@ -53,7 +59,9 @@ def build_args(cfg: Recipe, layout: Layout, run_dir: str, has_eval: bool) -> SFT
         bf16=on_gpu and cfg.quantization.compute_dtype == "bfloat16",
         fp16=on_gpu and cfg.quantization.compute_dtype == "float16",
         use_cpu=not on_gpu,
-        gradient_checkpointing=False,  # already enabled on the model by lorafit.model with the layout's mode
+        # Checkpointing is already enabled on the model by lorafit.model with the layout's mode. transformers 5.25
+        # renamed the argument (the old name warns); 5.17, the GPU image's, knows only the old one.
+        **{_CHECKPOINTING_ARG: False},
         ddp_find_unused_parameters=layout.ddp_find_unused_parameters,
         logging_steps=cfg.logging.steps,
         logging_first_step=True,
@@ -61,7 +69,7 @@ def build_args(cfg: Recipe, layout: Layout, run_dir: str, has_eval: bool) -> SFT
         # policy checks once per optimizer step instead.
         logging_nan_inf_filter=False,
         report_to="none",
-        disable_tqdm=not cfg.logging.progress_bar,
+        disable_tqdm=True,  # lorafit.progress draws the console's one bar (train.py adds it as a callback)
         save_strategy="no",
         eval_strategy=eval_strategy,
         eval_on_start=has_eval and cfg.eval.on_start,  # the base model's eval loss: the baseline
@@ -71,7 +79,7 @@ def build_args(cfg: Recipe, layout: Layout, run_dir: str, has_eval: bool) -> SFT
         # the GPU to drain (one host-device sync per input tensor, at the start of every step).
         dataloader_pin_memory=on_gpu,
         accelerator_config={"non_blocking": on_gpu},
-        use_liger_kernel=t.liger_kernels and on_gpu,
+        use_liger_kernel=False,  # lorafit.model applies Liger's kernels itself (TRL deprecates this flag)
         torch_compile=t.torch_compile and on_gpu,
         # lorafit.data truncates rows to max_length itself (and counts them); TRL refuses a max_length it cannot
         # enforce, which is the case with padding-free batches that are not packed
@@ -83,6 +91,10 @@ def build_args(cfg: Recipe, layout: Layout, run_dir: str, has_eval: bool) -> SFT
         completion_only_loss=cfg.data.completion_only,
         dataset_num_proc=None,
     )
+
+
+_CHECKPOINTING_ARG = next((f.name for f in dataclasses.fields(SFTConfig) if f.name == "activation_checkpointing"),
+                          "gradient_checkpointing")
 
 
 def check_optimizer(name: str) -> None:
@@ -270,6 +282,12 @@ def build_trainer(cfg: Recipe, layout: Layout, args: SFTConfig, model, tokenizer
         callbacks=callbacks,
         **extra,
     )
+    # HF prints every log as a dict (PrinterCallback, with disable_tqdm) or draws an evaluation bar inside the
+    # training bar (ProgressCallback); lorafit.progress, among `callbacks`, shows the console's progress instead.
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    sft.remove_callback(PrinterCallback)
+    sft.remove_callback(ProgressCallback)
     if (args.deepspeed_plugin is not None) != sft.is_deepspeed_enabled:
         # transformers prepared the model for one engine and accelerate set up another (accelerate's CPU path drops
         # DeepSpeed: ZeRO-2 would silently run as DDP). lorafit.layout refuses the known causes; anything else is a bug.
