@@ -33,7 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {
-    "single": "single_gpu.yaml",
+    "single": "single.yaml",
     "ddp": "ddp.yaml",
     "zero2": "zero2.yaml",
     "zero3": "zero3.yaml",
@@ -130,7 +130,7 @@ def run_parity(a, out: Path) -> dict:
         "training.learning_rate=1.0",
         "data.max_length=512",
     ]
-    sides = {"one_gpu_batch4": ("single_gpu.yaml", 1, 4), "ddp_two_gpus_batch2": ("ddp.yaml", 2, 2)}
+    sides = {"one_gpu_batch4": ("single.yaml", 1, 4), "ddp_two_gpus_batch2": ("ddp.yaml", 2, 2)}
     curves, rcs = {}, {}
     for name, (config, n, b) in sides.items():
         run_dir = Path(a.scratch) / f"parity-{name}"

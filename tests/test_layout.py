@@ -286,7 +286,7 @@ def launch_env(config: Path, num_processes: int | None = 2) -> dict:
     """The environment `accelerate launch --config_file CONFIG [--num_processes N]` gives each training process,
     computed by accelerate's own launcher code (nothing is started), as on a CUDA machine: accelerate >= 1.16 turns
     `gpu_ids` into CUDA_VISIBLE_DEVICES only for the accelerator backend it detects, and on this CPU build of torch
-    it detects none (seen on CI: single_gpu.yaml then left both GPUs of the simulated machine visible)."""
+    it detects none (seen on CI: single.yaml then left both GPUs of the simulated machine visible)."""
     from contextlib import nullcontext
     from unittest import mock
 
@@ -316,7 +316,7 @@ def launch_env(config: Path, num_processes: int | None = 2) -> dict:
 
 
 EXPECTED = {  # config -> (layout on 2 GPUs, mixed precision, ZeRO stage)
-    "single_gpu.yaml": ("single", "bf16", None),
+    "single.yaml": ("single", "no", None),
     "ddp.yaml": ("ddp", "bf16", None),
     "zero2.yaml": ("zero2", "bf16", 2),
     "zero3.yaml": ("zero3", "bf16", 3),
@@ -354,7 +354,7 @@ def test_launch_config_gives_the_intended_layout(name, monkeypatch):
         visible = len(env["CUDA_VISIBLE_DEVICES"].split(",")) if "CUDA_VISIBLE_DEVICES" in env else 2
         lay = gpu(cfg, {**env, **dist_env(world, 1 % world, 1 % world)}, gpus=visible)
     assert (lay.kind, lay.zero_stage) == (kind, stage)
-    if name == "single_gpu.yaml":
+    if name == "single.yaml":
         assert env["CUDA_VISIBLE_DEVICES"] == "0"
 
 

