@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -31,11 +30,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL_MEAN_REL = 0.01
-# (recipe, overrides, environment). The seed side keeps TRL's own fused LM head (lorafit.fastpath.bench_off), so the
+# (recipe, overrides, pieces turned off). The seed side keeps TRL's own fused LM head (bench/without.py), so the
 # reference has none of lorafit's fast-path code in its loss.
 SIDES = {
-    "seed": ("llama2_guanaco", [], {"LORAFIT_BENCH_OFF": "indexed_lm_head"}),
-    "fast_padding_free": ("llama2_guanaco_fast", ["data.packing=false", "data.padding_free=true"], {}),
+    "seed": ("llama2_guanaco", [], "indexed_lm_head"),
+    "fast_padding_free": ("llama2_guanaco_fast", ["data.packing=false", "data.padding_free=true"], ""),
 }
 
 
@@ -46,8 +45,9 @@ def model_sets(model: str) -> list[str]:
     return [f"model.name={p}"]
 
 
-def run(recipe: str, sets: list[str], run_dir: Path, log: Path, env: dict | None = None) -> int:
-    cmd = [sys.executable, str(REPO / "src/train.py"), "--recipe", recipe]
+def run(recipe: str, sets: list[str], run_dir: Path, log: Path, off: str = "") -> int:
+    entry = [str(REPO / "bench/without.py"), off] if off else []
+    cmd = [sys.executable, *entry, str(REPO / "src/train.py"), "--recipe", recipe]
     for s in sets + [f"output.dir={run_dir}", "logging.steps=1", "logging.progress_bar=false",
                      "checkpoint.every_steps=0", "checkpoint.every_minutes=0"]:
         cmd += ["--set", s]
@@ -55,8 +55,7 @@ def run(recipe: str, sets: list[str], run_dir: Path, log: Path, env: dict | None
     with open(log, "w") as fh:
         fh.write(" ".join(cmd) + "\n")
         fh.flush()
-        return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
-                              env=dict(os.environ, **(env or {}))).returncode
+        return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO).returncode
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -89,11 +88,11 @@ def main() -> None:
     res: dict = {"model": a.model, "steps": a.steps, "goal_mean_rel_diff": GOAL_MEAN_REL, "pairs": {}}
     for dropout in a.dropouts.split(","):
         curves, rcs, summaries = {}, {}, {}
-        for side, (recipe, sets, env) in SIDES.items():
+        for side, (recipe, sets, off) in SIDES.items():
             name = f"{side}-dropout{dropout}"
             run_dir = Path(a.scratch) / name
             t0 = time.time()
-            rcs[side] = run(recipe, common + sets + [f"lora.dropout={dropout}"], run_dir, out / f"{name}.log", env)
+            rcs[side] = run(recipe, common + sets + [f"lora.dropout={dropout}"], run_dir, out / f"{name}.log", off)
             if rcs[side] == 0:
                 curves[side] = losses(run_dir)
                 s = json.loads((run_dir / "summary.json").read_text())

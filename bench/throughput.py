@@ -5,11 +5,12 @@
 
 A run is `trl_seed` / `trl_tuned` (bench/trl_reference.py: plain TRL, no lorafit code) or `lorafit:RECIPE[+k=v...]`
 (src/train.py with overrides, e.g. `lorafit:llama2_guanaco_fast+training.liger_kernels=false`; an `env:NAME=VALUE`
-item sets an environment variable for that run, e.g. `+env:LORAFIT_BENCH_OFF=mask_skip`). Each runs in its own
+item sets an environment variable for that run, and `off:PIECES` runs it through bench/without.py with those
+sync-free pieces off, e.g. `+off:mask_skip/indexed_lm_head`). Each runs in its own
 process (clean memory counters). Real tokens/s = non-pad tokens per second, median over steps after the warm-up,
 with a device sync per step on both sides. Prints a table and writes <out>/results.json.
 
-Per-step times jitter by ~10% on an H100 with no pattern shared between runs (docs/benchmarks.md, call I), so a
+Per-step times jitter by ~10% on an H100 with no pattern shared between runs (docs/benchmarks.md), so a
 lever worth a few percent needs repeats: `--repeat 2` runs the whole list twice, interleaved (A B A B), and the
 table gives the median over repeats with their spread.
 """
@@ -39,13 +40,16 @@ def run_trl(name: str, a, out: Path, tag: str = "") -> dict:
 def run_lorafit(spec: str, a, out: Path, tag: str = "") -> dict:
     recipe, *sets = spec.split(":", 1)[1].split("+")
     env = dict(os.environ, **dict(x[4:].split("=", 1) for x in sets if x.startswith("env:")))
-    sets = [x for x in sets if not x.startswith("env:")]
+    off = [x[4:] for x in sets if x.startswith("off:")]
+    sets = [x for x in sets if not x.startswith(("env:", "off:"))]
     name = spec.replace(":", "_").replace("+", "_").replace("=", "-").replace(".", "-").replace("/", "-")
     run_dir = Path(a.scratch) / f"{name}{tag}"
     subprocess.run(["rm", "-rf", str(run_dir)])
     overrides = [f"model.name={a.model}", f"data.path={a.data}", f"training.max_steps={a.steps}", "logging.steps=1",
                  "logging.progress_bar=false", f"output.dir={run_dir}", *sets]
-    cmd = [sys.executable, str(REPO / "src/train.py"), "--recipe", recipe] + [x for o in overrides for x in ("--set", o)]
+    entry = [str(REPO / "bench/without.py"), "/".join(off)] if off else []
+    cmd = [sys.executable, *entry, str(REPO / "src/train.py"), "--recipe", recipe] + [
+        x for o in overrides for x in ("--set", o)]
 
     def parse() -> dict:
         s = json.loads((run_dir / "summary.json").read_text())

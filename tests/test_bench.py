@@ -38,3 +38,26 @@ def test_gap_analysis_names_what_the_host_was_doing(tmp_path):
     assert gap["after_kernel"] == "k1" and gap["next_kernel"] == "k2"
     assert gap["next_launched_ms_before_it_ran"] == 0.248 and gap["host_ops_at_launch"] == ["Optimizer.step", "aten::mm"]
     assert got["sync_calls"] == [("cudaStreamSynchronize > Optimizer.step", 1)]
+
+
+def test_without_turns_the_sync_free_pieces_off_for_the_benchmarks_only():
+    """bench/without.py, the off side of throughput.py's pairs: it replaces the two pieces in lorafit's modules before
+    src/train.py looks them up; lorafit itself has no such switch."""
+    import without
+
+    import lorafit.attention
+    import lorafit.lm_head
+
+    saved = lorafit.attention.skip_mask_building, lorafit.lm_head.install_indexed_lm_head
+    try:
+        without.turn_off(["indexed_lm_head"])
+        assert lorafit.lm_head.install_indexed_lm_head(object()) is False
+        assert lorafit.attention.skip_mask_building is saved[0]  # only what was asked
+        without.turn_off(["mask_skip"])
+        assert lorafit.attention.skip_mask_building(object()) is None
+    finally:
+        lorafit.attention.skip_mask_building, lorafit.lm_head.install_indexed_lm_head = saved
+    import pytest
+
+    with pytest.raises(SystemExit, match="unknown piece"):
+        without.turn_off(["mask_skp"])
