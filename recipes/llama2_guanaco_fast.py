@@ -6,9 +6,9 @@ What changes (each lever is a recipe field, measured on and off in docs/benchmar
 - data.packing: best-fit packing of rows into max_length sequences, no attention across rows. An optimizer step then
   sees ~4 x 1024 real tokens instead of 4 padded rows; summary.json reports rows and tokens per step.
 - model.attn_implementation=varlen: PyTorch's variable-length flash kernel attends each packed row on its own, from
-  sequence boundaries the collator computes on the CPU (lorafit.fastpath; flex_attention is the alternative).
+  sequence boundaries the collator computes on the CPU (lorafit.attention; flex_attention is the alternative).
 - training.optimizer=lorafit_adamw_32bit: the seed's 32-bit AdamW kernel and state, unpaged, without
-  bitsandbytes' host-device sync after every tensor (lorafit.fastpath).
+  bitsandbytes' host-device sync after every tensor (lorafit.optim).
 - lora.fused: each 4-bit linear and its adapter run as one autograd function, with the LoRA scale and add inside
   the GEMM (lorafit.fused).
 - training.gradient_checkpointing off: a 7B 4-bit base with batch 4 x 1024 fits in 80 GB without recompute.

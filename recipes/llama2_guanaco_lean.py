@@ -9,7 +9,7 @@ each layer's input is kept, and those inputs wait in CPU memory (copied on side 
 optimizer is the seed's paged AdamW 32-bit: its state can move to CPU memory under pressure.
 Measured on one H100 with the 7B shape, 4 x 1024 packed tokens (docs/benchmarks.md, 2026-11-28, same invocation):
 4.80 GiB peak at 6,085 real tokens/s with offloading; 5.68 GiB at 7,096 without (the second command).
-With varlen attention on one H200 (2026-12-01, call L): 4.81 GiB at 9,188 real tokens/s.
+With varlen attention on one H200 (2026-12-02, docs/benchmarks.md): 4.80 GiB at 10,431 real tokens/s.
 """
 
 import dataclasses

@@ -23,27 +23,8 @@ from pathlib import Path
 from lorafit import cli, data, hub, layout, model, recipe
 from lorafit.console import log
 from lorafit.errors import UserError
-
-
-def find_recipe(folder: Path) -> Path | None:
-    """recipe.yaml of a run folder, of the run a checkpoint or a merged export lives in (run/merged,
-    run/checkpoints/checkpoint-N), or none."""
-    for d in (folder, folder.parent, folder.parent.parent):
-        if (d / "recipe.yaml").is_file():
-            return d / "recipe.yaml"
-    return None
-
-
-def find_adapter(folder: Path) -> Path | None:
-    if (folder / "adapter_config.json").is_file():
-        return folder
-    from lorafit import checkpoint
-
-    ckpts = [p for _, p in checkpoint.committed(folder) if (p / "adapter_config.json").is_file()]
-    if ckpts:
-        log.info("%s has no final adapter (the run did not finish); using %s", folder, ckpts[-1])
-        return ckpts[-1]
-    return None
+from lorafit.run import lookup
+from lorafit.source import materialize
 
 
 def run_format(recipe_path: Path | None, cfg: recipe.Recipe) -> str:
@@ -59,7 +40,7 @@ def load(run: Path, base_only: bool, device: str):
     """(model, tokenizer, renderer) for --run."""
     if not run.is_dir():
         raise UserError(f"--run {run}: no such folder; give a run folder (output.dir), a checkpoint or a merged model")
-    recipe_path = find_recipe(run)
+    recipe_path = lookup.find_recipe(run)
     cfg = recipe.load_recipe(str(recipe_path)) if recipe_path else recipe.Recipe()
     if recipe_path is None:
         hub.go_offline()  # a merged model folder: everything is local
@@ -71,20 +52,15 @@ def load(run: Path, base_only: bool, device: str):
     from lorafit import console
 
     console.adopt_library_loggers()
-    adapter = find_adapter(run)
+    adapter = lookup.find_adapter(run)
     if device != "auto":
         cfg = recipe.set_value(cfg, "training.device", device)
     if adapter is not None or (base_only and recipe_path is not None):
         if recipe_path is None:
             raise UserError(f"{run} has an adapter but no recipe.yaml next to it, so its base model is unknown")
         lay = layout.decide(cfg, env={})  # one process, whatever launcher started this shell
-        source = model.materialize(cfg.model)  # a GGUF base is converted once, as in training
-        tok_dir = adapter if adapter and (adapter / "tokenizer_config.json").is_file() else recipe_path.parent
-        tok = (
-            AutoTokenizer.from_pretrained(tok_dir)
-            if (tok_dir / "tokenizer_config.json").is_file()
-            else model.load_tokenizer(cfg, source)
-        )
+        source = materialize(cfg.model)  # a GGUF base is converted once, as in training
+        tok = lookup.run_tokenizer(cfg, adapter, recipe_path.parent, source)
         kw = {"device_map": lay.device_map} if lay.device_map is not None else {}
         net = AutoModelForCausalLM.from_pretrained(
             source,

@@ -27,27 +27,20 @@ from pathlib import Path
 from lorafit import cli, hub, recipe
 from lorafit.console import log
 from lorafit.errors import UserError
+from lorafit.run import lookup
 
 _SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
 
 
 def find_adapter(path: Path) -> tuple[Path, Path]:
     """(adapter folder, run folder) for --run; a checkpoint is verified against its manifest first."""
-    from lorafit import checkpoint
-
     if not path.is_dir():
         raise UserError(f"--run {path}: no such folder; give a run folder (output.dir) or a checkpoint folder")
-    if (path / checkpoint.MANIFEST).is_file():
-        checkpoint.verify(path)
-        return path, path.parent.parent
-    if (path / "adapter_model.safetensors").is_file():
-        return path, path
-    ckpts = checkpoint.committed(path)
-    if ckpts:
-        checkpoint.verify(ckpts[-1][1])
-        log.info("%s has no final adapter (the run did not finish); using %s", path, ckpts[-1][1])
-        return ckpts[-1][1], path
-    raise UserError(f"--run {path} holds no adapter_model.safetensors and no committed checkpoint")
+    adapter = lookup.find_adapter(path)
+    recipe_path = lookup.find_recipe(path)
+    if adapter is None:
+        raise UserError(f"--run {path} holds no adapter_model.safetensors and no committed checkpoint")
+    return adapter, recipe_path.parent if recipe_path else path
 
 
 def merge(run: Path, out: Path | None, max_shard_size: str, dtype_name: str) -> Path:
@@ -60,15 +53,16 @@ def merge(run: Path, out: Path | None, max_shard_size: str, dtype_name: str) -> 
     hub.decide_offline(cfg)  # before transformers is imported
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from lorafit import console, model
+    from lorafit import console
+    from lorafit.source import materialize
 
     console.adopt_library_loggers()
     out = Path(out) if out else run_dir / "merged"
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; pick another folder or delete it")
-    source = model.materialize(cfg.model)  # a GGUF base is converted once to a cached 16-bit checkpoint
+    source = materialize(cfg.model)  # a GGUF base is converted once to a cached 16-bit checkpoint
     dtype = getattr(torch, dtype_name)
     log.info("loading the base %s in %s (not 4-bit) and the adapter from %s", source, dtype_name, adapter)
     base = AutoModelForCausalLM.from_pretrained(
@@ -76,12 +70,7 @@ def merge(run: Path, out: Path | None, max_shard_size: str, dtype_name: str) -> 
     )
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload(safe_merge=True)  # safe: refuses NaNs
     merged = merged.to(dtype)  # the adapter may be kept in float32 by PEFT; the merged weights are all `dtype`
-    tok_src = adapter if (adapter / "tokenizer_config.json").is_file() else run_dir
-    tok = (
-        AutoTokenizer.from_pretrained(tok_src)
-        if (tok_src / "tokenizer_config.json").is_file()
-        else model.load_tokenizer(cfg, source)
-    )
+    tok = lookup.run_tokenizer(cfg, adapter, run_dir, source)
     merged.config.pad_token_id = tok.pad_token_id
     merged.config.use_cache = True  # training turned the KV cache off; generation wants it
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ def build_fallback_tokenizer(out: Path) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     words = set()
-    for row in FIXTURE_ROWS + [" ".join(__import__("lorafit.tasks", fromlist=["WORDS"]).WORDS)]:
+    for row in FIXTURE_ROWS + [" ".join(__import__("lorafit.data.tasks", fromlist=["WORDS"]).WORDS)]:
         for w in row.replace("<s>", " ").replace("</s>", " ").replace("[", " [ ").replace("]", " ] ").split():
             words.add(w)
     extra = list("[]/.,?!'0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:") + ["INST", "Reverse",
@@ -121,14 +121,14 @@ def set_args(sets: list[str]) -> list[str]:
 
 
 def run_cli(args: list[str], env: dict | None = None, script: str = "src/train.py", timeout: int = 600,
-            launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    """Run an entry script of ours in a fresh process, as a user would."""
+            launcher: list[str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run an entry script of ours in a fresh process, as a user would (from the repository, or from `cwd`)."""
     e = dict(os.environ)
     e.update({"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
               "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     e.update(env or {})
     cmd = (launcher or [sys.executable]) + [str(REPO / script)] + args
-    return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd or REPO, env=e, capture_output=True, text=True, timeout=timeout)
 
 
 def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from lorafit import checkpoint as ck
+from lorafit import optim
 from lorafit.errors import UserError
+from lorafit.run import commit as ck
+from lorafit.run import faults, files, session, signals, status
 
 # A staged checkpoint shaped like HF's (ten files, one of them in a sub-folder as DeepSpeed writes them).
 FILES = [
@@ -59,7 +61,7 @@ def test_commit_writes_manifest_moves_latest_and_keeps_last_k(tmp_path):
     assert sorted(manifest["files"]) == sorted(FILES)
     f = manifest["files"]["optimizer.pt"]
     assert f["size"] == 2800  # the 2-byte pattern repeated 1000 + 100 x 4 times, as staged above
-    assert f["sha256"] == ck.sha256(tmp_path / "checkpoints" / "checkpoint-6" / "optimizer.pt")
+    assert f["sha256"] == files.sha256(tmp_path / "checkpoints" / "checkpoint-6" / "optimizer.pt")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6", "latest"]
 
 
@@ -101,9 +103,9 @@ def _save_in_child(run: Path, step: int, kill_at: int) -> int:
 
     def child():
         os.environ["LORAFIT_TEST_KILL_AT"] = str(kill_at)
-        ck._kill_hook = ck._KillHook()
+        hook = faults._KillHook()
         os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # the hook's own message
-        ck.commit(stage(run, step), step, keep_last=2, is_main=True)
+        ck.commit(stage(run, step), step, keep_last=2, is_main=True, on_event=hook)
 
     proc = multiprocessing.get_context("fork").Process(target=child)
     proc.start()
@@ -156,20 +158,20 @@ def test_lock_refuses_a_second_run_and_is_released(tmp_path):
     try:
         (tmp_path / ".lock").write_text(
             json.dumps(
-                {"pid": holder.pid, "host": socket.gethostname(), "start": ck._proc_start(holder.pid), "since": "now"}
+                {"pid": holder.pid, "host": socket.gethostname(), "start": status.start_ticks(holder.pid), "since": "now"}
             )
         )
         with pytest.raises(UserError) as e:
-            ck.RunLock(tmp_path).acquire()
+            status.RunLock(tmp_path).acquire()
         assert f"is in use by another run (pid {holder.pid} on host {socket.gethostname()}" in str(e.value)
     finally:
         holder.kill()
         holder.wait()
-    lock = ck.RunLock(tmp_path)
+    lock = status.RunLock(tmp_path)
     lock.acquire()  # the holder is dead now: its lock is stale and taken over
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     with pytest.raises(UserError):
-        ck.RunLock(tmp_path).acquire()  # held by this (live) process
+        status.RunLock(tmp_path).acquire()  # held by this (live) process
     lock.release()
     assert not (tmp_path / ".lock").exists()
 
@@ -179,9 +181,9 @@ def test_lock_of_another_host_is_respected_unless_it_is_this_slurm_job(tmp_path,
     (tmp_path / ".lock").write_text(json.dumps(owner))
     monkeypatch.setenv("SLURM_JOB_ID", "778")
     with pytest.raises(UserError, match="pid 1 on host some-other-node"):
-        ck.RunLock(tmp_path).acquire()
+        status.RunLock(tmp_path).acquire()
     monkeypatch.setenv("SLURM_JOB_ID", "777")  # the same job, requeued: its earlier incarnation has ended
-    lock = ck.RunLock(tmp_path)
+    lock = status.RunLock(tmp_path)
     lock.acquire()
     assert lock.held
 
@@ -189,7 +191,7 @@ def test_lock_of_another_host_is_respected_unless_it_is_this_slurm_job(tmp_path,
 def test_lock_with_a_recycled_pid_is_stale(tmp_path):
     # Our own pid, but a different process start time: the owner is gone and the pid was reused.
     (tmp_path / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": "1"}))
-    lock = ck.RunLock(tmp_path)
+    lock = status.RunLock(tmp_path)
     lock.acquire()
     assert lock.held
 
@@ -227,9 +229,9 @@ FP = {
     ids=["base", "lora-rank", "lora-targets", "world-size"],
 )
 def test_compare_refuses_another_shape(here, world, message):
-    ck.compare(Path("RUN/checkpoints/checkpoint-4"), FP, FP, 1, 1)  # identical: accepted
+    session.compare(Path("RUN/checkpoints/checkpoint-4"), FP, FP, 1, 1)  # identical: accepted
     with pytest.raises(UserError) as e:
-        ck.compare(Path("RUN/checkpoints/checkpoint-4"), FP, here, 1, world)
+        session.compare(Path("RUN/checkpoints/checkpoint-4"), FP, here, 1, world)
     assert message in str(e.value)
 
 
@@ -242,7 +244,7 @@ def test_first_signal_sets_the_flag_second_stops_at_once(tmp_path):
 
     def child():
         os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-        s = ck.StopSignals(on_hard_stop=lambda: trace.open("a").write("hard stop\n"))
+        s = signals.StopSignals(on_hard_stop=lambda: trace.open("a").write("hard stop\n"))
         s.install()
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.1)  # the handler runs at the next bytecode boundary
@@ -265,7 +267,7 @@ def test_signals_blocked_by_the_launcher_are_unblocked(tmp_path):
     def child():
         os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-        s = ck.StopSignals()
+        s = signals.StopSignals()
         s.install()
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.1)
@@ -278,10 +280,10 @@ def test_signals_blocked_by_the_launcher_are_unblocked(tmp_path):
 
 
 def test_status_round_trip(tmp_path):
-    ck.write_status(tmp_path, "stopped_to_resume", step=3, exit_code=75)
-    st = ck.read_status(tmp_path)
+    status.write_status(tmp_path, "stopped_to_resume", step=3, exit_code=75)
+    st = status.read_status(tmp_path)
     assert (st["state"], st["step"], st["exit_code"], st["pid"]) == ("stopped_to_resume", 3, 75, os.getpid())
-    assert ck.read_status(tmp_path / "nowhere") == {}
+    assert status.read_status(tmp_path / "nowhere") == {}
 
 
 def test_restored_paged_optimizer_state_loses_its_stale_paged_flag(tmp_path):
@@ -309,10 +311,10 @@ def test_restored_paged_optimizer_state_loses_its_stale_paged_flag(tmp_path):
     opt2.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True, map_location="cpu"))
     restored = opt2.state[p2]
     assert getattr(restored["state1"], "is_paged", False)  # the cause: the flag survives the round trip
-    assert ck.repage_optimizer_state(opt2) == 0  # nothing re-paged on CPU ...
+    assert optim.repage_optimizer_state(opt2) == 0  # nothing re-paged on CPU ...
     for k in ("state1", "state2"):
         assert not getattr(restored[k], "is_paged", False)  # ... but no stale flag left
         assert torch.equal(restored[k], saved[k])
     p2.grad = torch.ones_like(p2)
     opt2.step()  # and the restored optimizer steps
-    assert ck.repage_optimizer_state(torch.optim.AdamW([p2])) == 0  # not a paged optimizer: untouched
+    assert optim.repage_optimizer_state(torch.optim.AdamW([p2])) == 0  # not a paged optimizer: untouched

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURE_ROWS, has_shared
 
-from lorafit import data, model
+from lorafit import data, model, source
+from lorafit.data import pipeline as prepare_mod
 from lorafit.errors import UserError
 from lorafit.recipe import DataConfig, Recipe
 
@@ -152,7 +153,7 @@ def test_completion_only_off_trains_every_token(tok, guanaco_rows):
     conv = data.to_conversation(guanaco_rows[0], "llama2", DataConfig(format="llama2"))
     enc = data.Llama2Renderer(tok).encode(conv)
     cfg = DataConfig(format="llama2", completion_only=False)
-    out = data._encode_all([conv], data.Llama2Renderer(tok), cfg, data.DataStats(), True)
+    out = prepare_mod._encode_all([conv], data.Llama2Renderer(tok), cfg, data.DataStats(), True)
     assert out["input_ids"] == [enc.input_ids] and out["completion_mask"] == [[1] * len(enc.input_ids)]
 
 
@@ -193,7 +194,7 @@ def test_messages_rows_use_llama2_format_without_a_chat_template(tok):
         assert tok.decode(prompt).startswith("<s> [INST] <<SYS>>\nYou answer in one short sentence.\n<</SYS>>\n\n")
 
 
-SMOLLM2 = model.cache_dir() / "models" / "SmolLM2-135M-Instruct.Q4_1"
+SMOLLM2 = source.cache_dir() / "models" / "SmolLM2-135M-Instruct.Q4_1"
 # A chat template of our own: ends assistant turns with EOS and a newline, like ChatML. Its generation prompt ends
 # in a newline, as real templates' do: a trailing space would tokenize differently once the answer follows.
 TINY_TEMPLATE = (
@@ -300,7 +301,7 @@ def test_truncation_is_counted_and_prompt_only_rows_dropped(tok):
     ]
     convs = [data.to_conversation(r, "llama2", DataConfig()) for r in rows]
     stats = data.DataStats()
-    out = data._encode_all(convs, data.Llama2Renderer(tok), DataConfig(max_length=32), stats, True)
+    out = prepare_mod._encode_all(convs, data.Llama2Renderer(tok), DataConfig(max_length=32), stats, True)
     assert stats.truncated_rows == 2 and stats.dropped_fully_truncated == 1
     assert [len(x) for x in out["input_ids"]][0] == 32 and len(out["input_ids"]) == 2
 
@@ -309,7 +310,7 @@ def test_long_rows_do_not_trigger_the_tokenizers_length_warning(tokenizer_dir, c
     t = model.load_tokenizer(Recipe(), str(tokenizer_dir))  # a fresh tokenizer: it warns once per instance
     t.model_max_length = 8
     conv = data.to_conversation({"text": FIXTURE_ROWS[4]}, "llama2", DataConfig())
-    data._encode_all([conv], data.Llama2Renderer(t), DataConfig(max_length=16), data.DataStats(), True)
+    prepare_mod._encode_all([conv], data.Llama2Renderer(t), DataConfig(max_length=16), data.DataStats(), True)
     assert "Token indices sequence length" not in capfd.readouterr().err
 
 

@@ -334,13 +334,14 @@ def prepared_setup(tmp_path, tokenizer_dir, guanaco_dir, monkeypatch):
 
 
 def test_prepared_data_round_trips_through_the_cache(prepared_setup):
-    from lorafit import data, dist
+    from lorafit import data
+    from lorafit.data import cache
 
     cfg, tok = prepared_setup
     fresh = data.prepare(cfg, tok)
-    path = dist.cache_path(cfg, tok)
-    dist.save_prepared(fresh, path)
-    back = dist.load_prepared(path, cfg, tok)
+    path = cache.cache_path(cfg, tok)
+    cache.save_prepared(fresh, path)
+    back = cache.load_prepared(path, cfg, tok)
     assert back.train.to_dict() == fresh.train.to_dict()
     assert back.eval.to_dict() == fresh.eval.to_dict() and len(fresh.eval) == 3  # 12 rows x 0.25
     assert back.eval_conversations == fresh.eval_conversations
@@ -349,73 +350,80 @@ def test_prepared_data_round_trips_through_the_cache(prepared_setup):
 
 
 def test_other_ranks_load_instead_of_tokenizing(prepared_setup, monkeypatch):
-    from lorafit import data, dist
+    from lorafit import dist as lorafit_dist
+    from lorafit.data import cache
 
     cfg, tok = prepared_setup
-
-    class TwoRanks:
-        @staticmethod
-        def get_world_size():
-            return 2
-
-    monkeypatch.setattr(dist, "_dist", lambda: TwoRanks)
-    main = dist.prepare_data(cfg, tok, is_local_main=True)  # tokenizes and writes the cache
-    monkeypatch.setattr(data, "prepare", lambda *a: pytest.fail("a rank > 0 tokenized"))
-    other = dist.prepare_data(cfg, tok, is_local_main=False)
+    monkeypatch.setattr(lorafit_dist, "world_size", lambda: 2)
+    main = cache.prepare_data(cfg, tok, is_local_main=True)  # tokenizes and writes the cache
+    monkeypatch.setattr(cache, "prepare", lambda *a: pytest.fail("a rank > 0 tokenized"))
+    other = cache.prepare_data(cfg, tok, is_local_main=False)
     assert other.train.to_dict() == main.train.to_dict()
 
 
 def test_cache_key_follows_data_tokenizer_and_files(prepared_setup, tmp_path):
     import dataclasses
 
-    from lorafit import dist
+    from lorafit.data import cache
 
     cfg, tok = prepared_setup
-    key = dist.cache_path(cfg, tok)
-    assert dist.cache_path(cfg, tok) == key
-    assert dist.cache_path(dataclasses.replace(cfg, max_length=256), tok) != key
+    key = cache.cache_path(cfg, tok)
+    assert cache.cache_path(cfg, tok) == key
+    assert cache.cache_path(dataclasses.replace(cfg, max_length=256), tok) != key
+    # packing and padding-free batches are TRL's collation of the same rows: they reuse the entry
+    assert cache.cache_path(dataclasses.replace(cfg, packing=True, padding_free=True), tok) == key
     files = sorted(Path(cfg.path).rglob("*.parquet"))
     copy = tmp_path / "data"
     copy.mkdir()
     (copy / files[0].name).write_bytes(files[0].read_bytes())
     moved = dataclasses.replace(cfg, path=str(copy))
-    before = dist.cache_path(moved, tok)
+    before = cache.cache_path(moved, tok)
     os.utime(copy / files[0].name, ns=(0, 0))  # the file changed (as far as its time says)
-    assert dist.cache_path(moved, tok) != before
+    assert cache.cache_path(moved, tok) != before
     tok.pad_token = tok.eos_token if tok.pad_token != tok.eos_token else tok.bos_token
-    assert dist.cache_path(cfg, tok) != key
+    assert cache.cache_path(cfg, tok) != key
 
 
 def test_one_process_reuses_an_earlier_runs_rows(prepared_setup, tmp_path, monkeypatch, caplog):
     """data.cache: a second single-process run with the same key loads the rows instead of tokenizing; a changed
-    file, data.cache=false, a hub id or a damaged entry tokenize again."""
+    file, data.cache=false, a hub id or a damaged entry (unreadable, or a same-size change) tokenize again."""
     import dataclasses
 
-    from lorafit import data, dist
+    from lorafit.data import cache
 
     cfg, tok = prepared_setup
-    real = data.prepare
+    real = cache.prepare
     calls = []
-    monkeypatch.setattr(data, "prepare", lambda *a: (calls.append(1), real(*a))[1])
-    first = dist.prepare_data(cfg, tok, is_local_main=True)
-    again = dist.prepare_data(cfg, tok, is_local_main=True)
+    monkeypatch.setattr(cache, "prepare", lambda *a: (calls.append(1), real(*a))[1])
+    first = cache.prepare_data(cfg, tok, is_local_main=True)
+    again = cache.prepare_data(cfg, tok, is_local_main=True)
     assert len(calls) == 1 and again.train.to_dict() == first.train.to_dict() and again.stats == first.stats
-    dist.prepare_data(dataclasses.replace(cfg, cache=False), tok, is_local_main=True)
+    cache.prepare_data(dataclasses.replace(cfg, cache=False), tok, is_local_main=True)
     assert len(calls) == 2
     files = sorted(Path(cfg.path).rglob("*.parquet"))
     copy = tmp_path / "data"
     copy.mkdir()
     (copy / files[0].name).write_bytes(files[0].read_bytes())
     moved = dataclasses.replace(cfg, path=str(copy))
-    dist.prepare_data(moved, tok, is_local_main=True)
+    cache.prepare_data(moved, tok, is_local_main=True)
     os.utime(copy / files[0].name, ns=(0, 0))  # the file changed (as far as its time says): a new key
-    dist.prepare_data(moved, tok, is_local_main=True)
+    cache.prepare_data(moved, tok, is_local_main=True)
     assert len(calls) == 4
-    assert not dist.cacheable_across_runs(dataclasses.replace(cfg, path="mlabonne/guanaco-llama2-1k"))
-    assert dist.cacheable_across_runs(dataclasses.replace(cfg, path="synthetic:reverse"))
-    (dist.cache_path(cfg, tok) / "meta.json").write_text("{not json")
+    assert not cache.cacheable_across_runs(dataclasses.replace(cfg, path="mlabonne/guanaco-llama2-1k"))
+    assert cache.cacheable_across_runs(dataclasses.replace(cfg, path="synthetic:reverse"))
+    (cache.cache_path(cfg, tok) / "meta.json").write_text("{not json")
     with caplog.at_level("WARNING", logger="lorafit"):
-        redone = dist.prepare_data(cfg, tok, is_local_main=True)
+        redone = cache.prepare_data(cfg, tok, is_local_main=True)
     assert len(calls) == 5 and redone.train.to_dict() == first.train.to_dict()
-    assert "could not read the cached rows" in caplog.text
-    assert (dist.cache_path(cfg, tok) / "meta.json").read_text().startswith("{\"stats\"")  # rewritten whole
+    assert "are damaged" in caplog.text
+    assert (cache.cache_path(cfg, tok) / "meta.json").read_text().startswith("{\"stats\"")  # rewritten whole
+    # A same-size change to a tokenized file (a flipped byte) is caught by its sha256, not loaded
+    arrow = sorted((cache.cache_path(cfg, tok) / "train").glob("*.arrow"))[0]
+    raw = bytearray(arrow.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    arrow.write_bytes(bytes(raw))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lorafit"):
+        redone = cache.prepare_data(cfg, tok, is_local_main=True)
+    assert len(calls) == 6 and redone.train.to_dict() == first.train.to_dict()
+    assert f"train/{arrow.name} is changed since written" in caplog.text

@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import REPO, read_scalars, read_summary, run_cli, set_args, tiny_overrides
 
-from lorafit import evaluate, tasks
-from lorafit.data import Conversation
+from lorafit import evaluate
+from lorafit.data import Conversation, tasks
 from lorafit.errors import UserError
 from lorafit.recipe import load_recipe, set_value
 

@@ -1,4 +1,4 @@
-"""lorafit.fastpath on CPU: varlen attention keeps packed rows apart and matches sdpa; the sync-free 32-bit AdamW is
+"""The fast path on CPU (lorafit.attention, lorafit.lm_head, lorafit.optim): varlen attention keeps packed rows apart and matches sdpa; the sync-free 32-bit AdamW is
 bitsandbytes' AdamW32bit step for step. The CUDA kernel and the GPU optimizer are checked in tests/test_gpu.py."""
 
 import io
@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_trainer_loss import first_batch
 
-from lorafit import fastpath, layout, recipe, trainer
+from lorafit import attention, layout, optim, recipe, trainer
 from lorafit.errors import UserError
 
 
@@ -21,9 +21,9 @@ def tiny_llama(attn: str, seed: int = 0):
     ref = LlamaForCausalLM(cfg).eval()
     if attn == "sdpa":
         return ref
-    m = LlamaForCausalLM._from_config(cfg, attn_implementation=fastpath.register_varlen_attention()).eval()
+    m = LlamaForCausalLM._from_config(cfg, attn_implementation=attention.register_varlen_attention()).eval()
     m.load_state_dict(ref.state_dict())
-    fastpath.skip_mask_building(m)  # as lorafit.model installs it with this attention
+    attention.skip_mask_building(m)  # as lorafit.model installs it with this attention
     return m
 
 
@@ -39,7 +39,7 @@ def packed(lens, seed=1):
 
 def test_packed_rows_attend_only_within_themselves():
     ours, ref = tiny_llama("varlen"), tiny_llama("sdpa")
-    assert ours.config._attn_implementation == fastpath.ATTN_NAME
+    assert ours.config._attn_implementation == attention.ATTN_NAME
     rows, batch = packed([5, 9, 1, 3])
     with torch.no_grad():
         got = ours(**batch).logits[0]
@@ -56,7 +56,7 @@ def test_packed_batches_skip_transformers_mask_building(monkeypatch):
     import transformers.masking_utils as mu
 
     ours, plain = tiny_llama("varlen"), tiny_llama("sdpa")
-    plain = LlamaForCausalLM_with(plain.config, fastpath.register_varlen_attention(), plain.state_dict())
+    plain = LlamaForCausalLM_with(plain.config, attention.register_varlen_attention(), plain.state_dict())
     rows, batch = packed([5, 9, 1, 3])
     batch["use_cache"] = False
     calls = []
@@ -102,7 +102,7 @@ def test_varlen_training_loss_is_the_padded_batches_loss(tmp_path, tiny_llama_di
     losses = {}
     for extra in ([], ["data.padding_free=true", "model.attn_implementation=varlen"]):
         sft, net, batch, _ = first_batch(tmp_path, tiny_llama_dir, guanaco_dir, extra)
-        assert net.config._attn_implementation == (fastpath.ATTN_NAME if extra else "sdpa")
+        assert net.config._attn_implementation == (attention.ATTN_NAME if extra else "sdpa")
         assert ("cu_seq_lens_q" in batch) == bool(extra)
         with torch.no_grad():
             losses[bool(extra)] = sft.compute_loss(net, dict(batch)).item()
@@ -117,13 +117,12 @@ def test_varlen_training_loss_is_the_padded_batches_loss(tmp_path, tiny_llama_di
     assert abs(losses[True] - losses[False]) <= 1e-5 * abs(losses[False]), losses
 
 
-def test_layout_refuses_varlen_without_padding_free_batches():
-    cfg = recipe.load_recipe("llama2_guanaco", ["model.attn_implementation=varlen"])
+def test_the_recipe_refuses_varlen_without_padding_free_batches():
     with pytest.raises(UserError, match="model.attn_implementation=varlen runs on padding-free batches"):
-        layout.decide(cfg, env={}, cuda_available=False)
+        recipe.load_recipe("llama2_guanaco", ["model.attn_implementation=varlen"])
     fast = recipe.load_recipe("llama2_guanaco_fast")
     assert fast.model.attn_implementation == "varlen" and fast.data.packing
-    assert layout.decide(fast, env={}, cuda_available=False).attn_implementation == fastpath.ATTN_NAME
+    assert layout.decide(fast, env={}, cuda_available=False).attn_implementation == attention.ATTN_NAME
 
 
 def adamw_pair(monkeypatch, device="cpu", n=3, drop=None, reload_after=None):
@@ -144,7 +143,7 @@ def adamw_pair(monkeypatch, device="cpu", n=3, drop=None, reload_after=None):
     base = [torch.randn(sh, device=device, dtype=torch.bfloat16) for sh in shapes]
     grads = [[torch.randn_like(b) for b in base] for _ in range(n)]
     out = {}
-    for name, cls in (("bnb", bnb.optim.PagedAdamW32bit), ("ours", fastpath.adamw_32bit_nosync())):
+    for name, cls in (("bnb", bnb.optim.PagedAdamW32bit), ("ours", optim.adamw_32bit_nosync())):
         ps = [torch.nn.Parameter(b.clone()) for b in base]
 
         def make(ps=ps, cls=cls):
@@ -216,12 +215,3 @@ def test_recipe_optimizer_reaches_hf_as_a_class(tmp_path, tiny_llama_dir, guanac
     assert opt.param_groups[0]["lr"] == pytest.approx(2e-4) and opt.param_groups[0]["betas"] == (0.9, 0.999)
     with pytest.raises(UserError, match="did you mean"):
         trainer.check_optimizer("lorafit_adamw_32")
-
-
-def test_bench_switch_turns_the_sync_free_pieces_off(monkeypatch):
-    """bench/throughput.py measures the mask skip and the indexed LM head on and off through LORAFIT_BENCH_OFF."""
-    m = tiny_llama("sdpa")
-    monkeypatch.setenv("LORAFIT_BENCH_OFF", "mask_skip/indexed_lm_head")
-    assert fastpath.skip_mask_building(m) is None and fastpath.install_indexed_lm_head(m) is False
-    monkeypatch.setenv("LORAFIT_BENCH_OFF", "indexed_lm_head")
-    assert fastpath.skip_mask_building(m) is not None

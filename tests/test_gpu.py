@@ -63,7 +63,7 @@ def test_restored_paged_optimizer_state_is_paged_again_on_the_last_gpu(tmp_path)
     optimizer must step afterwards."""
     import bitsandbytes as bnb
 
-    from lorafit import checkpoint as ck
+    from lorafit import optim
 
     dev = torch.device("cuda", torch.cuda.device_count() - 1)
 
@@ -78,7 +78,7 @@ def test_restored_paged_optimizer_state_is_paged_again_on_the_last_gpu(tmp_path)
     torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
     p2, opt2 = fresh(dev)
     opt2.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True, map_location=dev))
-    assert ck.repage_optimizer_state(opt2) == 2  # state1 and state2
+    assert optim.repage_optimizer_state(opt2) == 2  # state1 and state2
     for k in ("state1", "state2"):
         t = opt2.state[p2][k]
         assert t.is_paged and t.page_deviceid == dev.index
@@ -91,9 +91,9 @@ def test_restored_paged_optimizer_state_is_paged_again_on_the_last_gpu(tmp_path)
 
 @pytest.mark.parametrize("heads,kv_heads,dim", [(32, 32, 128), (9, 3, 64)])  # Llama-2-7B; SmolLM2-135M (GQA)
 def test_varlen_kernel_matches_each_row_attended_alone(heads, kv_heads, dim):
-    """lorafit.fastpath's CUDA path (torch's varlen flash kernel) against each packed row attended alone by sdpa in
+    """lorafit.attention's CUDA path (torch's varlen flash kernel) against each packed row attended alone by sdpa in
     float32, forward and backward. bf16 operands: relative error between 1e-3 and 1e-2 expected (METHOD.md)."""
-    from lorafit import fastpath
+    from lorafit import attention
 
     lens = [700, 1, 300, 1024, 57]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
@@ -103,11 +103,11 @@ def test_varlen_kernel_matches_each_row_attended_alone(heads, kv_heads, dim):
         return torch.randn(sum(lens), h, dim, device="cuda", dtype=torch.bfloat16, generator=g)
 
     q, k, v = rand(heads).requires_grad_(), rand(kv_heads).requires_grad_(), rand(kv_heads).requires_grad_()
-    out = fastpath._flash_varlen(q, k, v, cu.cuda(), max(lens), dim ** -0.5)
+    out = attention._flash_varlen(q, k, v, cu.cuda(), max(lens), dim ** -0.5)
     grad_out = torch.randn(out.shape, device="cuda", dtype=torch.bfloat16, generator=g)
     out.backward(grad_out)
     ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    ref = fastpath._reference_varlen(*ref_in, cu, dim ** -0.5)
+    ref = attention._reference_varlen(*ref_in, cu, dim ** -0.5)
     ref.backward(grad_out.float())
 
     def rel(a, b):
@@ -186,24 +186,24 @@ def test_packed_step_with_indexed_lm_head_never_syncs_and_matches_trls_head():
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from lorafit import fastpath
+    from lorafit import attention, lm_head
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, use_cache=False)
-    m = LlamaForCausalLM._from_config(cfg, attn_implementation=fastpath.register_varlen_attention())
+    m = LlamaForCausalLM._from_config(cfg, attn_implementation=attention.register_varlen_attention())
     m = m.to("cuda", torch.bfloat16).train()
     m.get_input_embeddings().weight.requires_grad_(False)  # frozen as in LoRA training (its CUDA backward syncs)
-    fastpath.skip_mask_building(m)
+    attention.skip_mask_building(m)
     add_fused_lm_head(m, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
-    assert fastpath.install_indexed_lm_head(m)
+    assert lm_head.install_indexed_lm_head(m)
     _, batch = packed([40, 7, 100, 1, 60])
     labels = batch["input_ids"].clone()
     labels[0, :30] = -100  # a prompt: not scored
     starts = batch["cu_seq_lens_q"][:-1].long()
     labels[0, starts] = -100  # each row's first token is not a target of the row before it
     batch["labels"] = labels
-    idx = fastpath.label_index(batch)  # on the host, as the collator computes it
+    idx = lm_head.label_index(batch)  # on the host, as the collator computes it
     cuda = {k: v.cuda() if torch.is_tensor(v) and k not in ("cu_seq_lens_q", "cu_seq_lens_k") else v
             for k, v in batch.items()}
     cuda["cu_seq_lens_q"] = cuda["cu_seq_lens_k"] = batch["cu_seq_lens_q"].cuda()

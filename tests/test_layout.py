@@ -52,7 +52,7 @@ def test_single_gpu_loads_on_the_local_gpu():
 
 
 def test_sdpa_keeps_cudnn_attention_off_unless_the_recipe_asks():
-    """cuDNN's sdpa kernel builds a plan per new padded shape (~1.1 s each on an H100 with torch 2.11; call I in
+    """cuDNN's sdpa kernel builds a plan per new padded shape (~1.1 s each on an H100 with torch 2.11;
     docs/benchmarks.md), so the layout leaves it off by default and model.load_model applies that on GPU runs."""
     assert gpu(guanaco(), {}).sdpa_cudnn is False
     assert gpu(guanaco("model.sdpa_cudnn=true"), {}).sdpa_cudnn is True
@@ -144,18 +144,19 @@ def test_layout_decides_fused_and_kept_weights(monkeypatch):
     no_triton = gpu(tri, {})
     monkeypatch.undo()
     assert no_triton.dequant_kernel == "bitsandbytes" and any("Triton is not installed" in n for n in no_triton.notes)
+    # the recipe's own cross-field rules are refused when it is loaded (Recipe.validate), before any layout
     for extra, msg in ((["lora.fused=false"], "set lora.fused=true"), (["quantization.double_quant=true"], "plain NF4")):
         with pytest.raises(UserError, match=msg):
-            layout.decide(load_recipe("llama2_guanaco_fast", ["quantization.dequant_kernel=triton", *extra]), env={},
-                          cuda_available=False)
+            load_recipe("llama2_guanaco_fast", ["quantization.dequant_kernel=triton", *extra])
     keep = load_recipe("llama2_guanaco_fast", ["quantization.keep_dequantized=true"])
     assert gpu(keep, {}).keep_dequantized
     with pytest.raises(UserError, match="needs lora.fused=true"):
-        layout.decide(load_recipe("llama2_guanaco_fast", ["quantization.keep_dequantized=true", "lora.fused=false"]),
-                      env={}, cuda_available=False)
+        load_recipe("llama2_guanaco_fast", ["quantization.keep_dequantized=true", "lora.fused=false"])
     with pytest.raises(UserError, match="gradient checkpointing"):
-        layout.decide(load_recipe("llama2_guanaco_lean", ["quantization.keep_dequantized=true"]), env={},
-                      cuda_available=False)
+        load_recipe("llama2_guanaco_lean", ["quantization.keep_dequantized=true"])
+    # set in either order on the command line, a valid combination is accepted
+    assert load_recipe("llama2_guanaco", ["quantization.keep_dequantized=true", "lora.fused=true",
+                                          "training.gradient_checkpointing=false"]).lora.fused
 
 
 @pytest.mark.parametrize("world", [1, 2, 8])

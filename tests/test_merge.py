@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import REPO
 
-from lorafit import checkpoint as ck
 from lorafit.recipe import load_recipe, set_value
+from lorafit.run import commit as ck
 
 
 def _merge_main():

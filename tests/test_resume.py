@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, read_scalars, read_summary, run_cli, set_args, tiny_overrides
 
-from lorafit import checkpoint as ck
+from lorafit.errors import EXIT_NONFINITE
+from lorafit.run import commit as ck
+from lorafit.run import status as run_status
 
 STEPS = 6
 TAGS = ("train/loss", "train/grad_norm", "train/learning_rate")
@@ -85,7 +87,7 @@ def test_sigusr1_stop_then_kill_9_mid_save_then_resume_is_bit_exact(tmp_path, st
     r = train(tiny_llama_dir, guanaco_dir, out, env={"LORAFIT_TEST_SIGNAL_AT": "0:3"})
     assert r.returncode == 75, out_of(r)
     assert "SIGUSR1 received: saving a checkpoint at the next step boundary" in r.stderr
-    status = ck.read_status(out)
+    status = run_status.read_status(out)
     assert (status["state"], status["step"], status["exit_code"]) == ("stopped_to_resume", 3, 75)
     assert [s for s, _ in ck.committed(out)] == [2, 3]  # the periodic one at 2, the stop one at 3
     assert not (out / "adapter_model.safetensors").exists()  # the run is not finished
@@ -111,13 +113,34 @@ def test_sigusr1_stop_then_kill_9_mid_save_then_resume_is_bit_exact(tmp_path, st
     assert [s for s, _ in ck.committed(out)] == [4, 6]
     summary = read_summary(out)
     assert (summary["steps"], summary["resumed_at_step"]) == (STEPS, 3)
-    assert ck.read_status(out)["state"] == "finished"
+    assert run_status.read_status(out)["state"] == "finished"
 
     # 4. A finished run folder: say so, exit 0, touch nothing.
     r = train(tiny_llama_dir, guanaco_dir, out)
     assert r.returncode == 0, out_of(r)
     assert f"run folder {out} holds a finished run (6 steps); nothing to resume" in r.stdout
     assert read_summary(out) == summary
+
+
+@pytest.mark.slow
+def test_logged_curves_and_summary_continue_across_a_resume(tmp_path, tiny_llama_dir, guanaco_dir):
+    """Logging every 2 steps, stopped at step 3 (between two logs) and resumed: the logged loss at step 4 averages
+    steps 3 and 4 as the uninterrupted run's does, tokens_seen continues from the stopped run's count, and
+    summary.json keeps the evaluation before training (eval_loss_before) that only the first run made."""
+    extra = ["logging.steps=2", "data.eval_fraction=0.2", "training.eval_steps=3"]
+    ref, out = tmp_path / "straight", tmp_path / "run"
+    assert train(tiny_llama_dir, guanaco_dir, ref, *extra).returncode == 0
+    r = train(tiny_llama_dir, guanaco_dir, out, *extra, env={"LORAFIT_TEST_SIGNAL_AT": "0:3"})
+    assert r.returncode == 75, out_of(r)
+    r = train(tiny_llama_dir, guanaco_dir, out, *extra)
+    assert r.returncode == 0, out_of(r)
+    a, b = read_scalars(ref / "tb"), read_scalars(out / "tb")
+    for tag in ("train/loss", "train/tokens_seen", "eval/loss", "train/learning_rate"):
+        assert [s for s, _ in b[tag]] == [s for s, _ in a[tag]], (tag, a[tag], b[tag])
+        assert all(_same(x, y) for (_, x), (_, y) in zip(a[tag], b[tag])), (tag, a[tag], b[tag])
+    sa, sb = read_summary(ref), read_summary(out)
+    for key in ("eval_loss_before", "eval_loss_final", "tokens_seen", "first_losses", "final_loss"):
+        assert sb[key] == sa[key], (key, sa.get(key), sb.get(key))
 
 
 @pytest.mark.slow
@@ -146,12 +169,12 @@ def test_consecutive_nonfinite_steps_stop_with_the_last_good_checkpoint(tmp_path
     r = train(
         tiny_llama_dir, guanaco_dir, out, "checkpoint.max_consecutive_skips=2", env={"LORAFIT_TEST_NAN_AT": "0:3-6"}
     )
-    assert r.returncode == ck.EXIT_NONFINITE, out_of(r)
+    assert r.returncode == EXIT_NONFINITE, out_of(r)
     good = out / "checkpoints" / "checkpoint-2"
     assert f"after 2 consecutive steps with a non-finite loss or gradient; the last good checkpoint is {good}" in (
         r.stdout
     )
-    status = ck.read_status(out)
+    status = run_status.read_status(out)
     assert (status["state"], status["step"], status["checkpoint"]) == ("stopped_nonfinite", 4, str(good))
     assert [s for s, _ in ck.committed(out)] == [2]  # no save from the bad stretch (step 4 would have been one)
     ck.verify(good)
@@ -161,7 +184,7 @@ def test_consecutive_nonfinite_steps_stop_with_the_last_good_checkpoint(tmp_path
 
 def _stopped_copy(straight: Path, dst: Path) -> Path:
     shutil.copytree(straight, dst)
-    ck.write_status(dst, "stopped_to_resume", step=STEPS)  # so that --resume auto tries its checkpoints
+    run_status.write_status(dst, "stopped_to_resume", step=STEPS)  # so that --resume auto tries its checkpoints
     return dst
 
 
@@ -209,7 +232,7 @@ def test_second_run_on_a_locked_folder_is_refused(tmp_path, straight, tiny_llama
     try:
         (out / ".lock").write_text(
             json.dumps(
-                {"pid": holder.pid, "host": socket.gethostname(), "start": ck._proc_start(holder.pid), "since": "then"}
+                {"pid": holder.pid, "host": socket.gethostname(), "start": run_status.start_ticks(holder.pid), "since": "then"}
             )
         )
         r = train(tiny_llama_dir, guanaco_dir, out)
@@ -218,7 +241,7 @@ def test_second_run_on_a_locked_folder_is_refused(tmp_path, straight, tiny_llama
         holder.wait()
     assert r.returncode == 2, out_of(r)
     assert f"lorafit: error: run folder {out} is in use by another run (pid {holder.pid}" in r.stderr
-    assert (out / ".lock").is_file() and ck.read_status(out)["state"] == "stopped_to_resume"  # untouched
+    assert (out / ".lock").is_file() and run_status.read_status(out)["state"] == "stopped_to_resume"  # untouched
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,7 +292,7 @@ def test_two_process_stop_and_resume_is_bit_exact(
     r = train(tiny_llama_dir, guanaco_dir, out, env={**DDP_ENV, "LORAFIT_TEST_SIGNAL_AT": "0:3"}, launcher=launcher)
     # accelerate launch (torchrun) reports a worker's non-zero exit as its own exit 1; status.json keeps the 75.
     assert r.returncode != 0 and "exitcode: 75" in out_of(r).replace("exitcode  : ", "exitcode: "), out_of(r)
-    status = ck.read_status(out)
+    status = run_status.read_status(out)
     assert (status["state"], status["step"], status["exit_code"]) == ("stopped_to_resume", 3, 75)
     manifest = ck.verify(out / "checkpoints" / "checkpoint-3")
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(manifest["files"])  # per-rank RNG

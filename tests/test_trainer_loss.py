@@ -4,6 +4,7 @@ import torch
 from conftest import tiny_overrides
 
 from lorafit import data, layout, model, recipe, trainer
+from lorafit.run import summary
 
 
 def sets_for(tmp_path, tiny_llama_dir, guanaco_dir) -> list[str]:
@@ -48,13 +49,13 @@ def test_steady_figures_skip_warm_up_and_weight_the_mean_by_time():
         {"tokens_per_second": 3000.0, "step_time": 2.0, "mfu": 0.7},
         {"tokens_per_second": 2000.0, "step_time": 1.0, "mfu": 0.6},
     ]
-    got = trainer.steady_figures(hist)
+    got = summary.steady_figures(hist)
     assert got["steady_tokens_per_second"] == 2000.0  # median of 1000, 3000, 2000
     assert got["steady_step_time_s"] == 1.0
     assert got["steady_mfu"] == 0.6
     # tokens 1000*1 + 3000*2 + 2000*1 = 9000 over 4 s
     assert got["steady_tokens_per_second_mean"] == 2250.0
-    assert trainer.steady_figures(hist[:3]) == {}  # nothing after the warm-up
+    assert summary.steady_figures(hist[:3]) == {}  # nothing after the warm-up
 
 
 def test_padding_free_batches_give_the_padded_batches_loss(tmp_path, tiny_llama_dir, guanaco_dir):
@@ -119,15 +120,15 @@ def test_host_shortcuts_give_hf_trainers_own_figures(tmp_path, tiny_llama_dir, g
 
 
 def test_indexed_lm_head_gives_trls_loss_and_gradients(tmp_path, tiny_llama_dir, guanaco_dir):
-    """The indexed LM head (lorafit.fastpath: labelled positions listed by the collator on the host, gathered with
+    """The indexed LM head (lorafit.lm_head: labelled positions listed by the collator on the host, gathered with
     index_select) against TRL's fused head on the same batch: the same loss and the same LoRA gradients, for padded
     and for padding-free batches, and with HF's num_items_in_batch (gradient accumulation's denominator)."""
-    from lorafit import fastpath
+    from lorafit import lm_head
 
     for extra in ([], ["data.padding_free=true"]):
         sft, net, batch, _ = first_batch(tmp_path, tiny_llama_dir, guanaco_dir, extra)
         assert sft.indexed_lm_head
-        idx = batch.pop(fastpath.LABEL_INDEX_KEY)
+        idx = batch.pop(lm_head.LABEL_INDEX_KEY)
         labels = batch["labels"]
         g = torch.Generator().manual_seed(5)
         with torch.no_grad():  # PEFT starts lora_B at zero, which would leave every lora_A gradient zero
@@ -161,12 +162,12 @@ def test_indexed_lm_head_gives_trls_loss_and_gradients(tmp_path, tiny_llama_dir,
 def test_indexed_lm_head_stays_off_where_trls_head_does_more(tmp_path, tiny_llama_dir, guanaco_dir):
     """A logit softcap (Gemma 2) or scale (Cohere) changes what the head computes: the wrapper is not installed and
     the collator lists nothing; under ZeRO-3 the layout turns it off (the head's weight is sharded)."""
-    from lorafit import fastpath
+    from lorafit import lm_head
 
     sft, net, batch, _ = first_batch(tmp_path, tiny_llama_dir, guanaco_dir, [])
     base = net.get_base_model()
     base.config.final_logit_softcapping = 30.0
-    assert fastpath.install_indexed_lm_head(base) is False
+    assert lm_head.install_indexed_lm_head(base) is False
     base.config.final_logit_softcapping = None
     cfg = recipe.load_recipe("llama2_guanaco", sets_for(tmp_path, tiny_llama_dir, guanaco_dir))
     assert layout.decide(cfg, env={}, cuda_available=False).indexed_lm_head is True

@@ -1,33 +1,32 @@
-"""Command line: arguments, logging on rank 0, the run folder, and the boundary where a UserError becomes exit code 2.
+"""Command line: arguments, the stopwatch, and the error boundary every entry point runs inside (`guarded`).
 
-A user's mistake prints one line `lorafit: error: ...` on stderr and exits 2, and a run folder this invocation
-created is removed again, so nothing half-written is left. Any other exception is a bug and keeps its traceback.
+A user's mistake prints one line `lorafit: error: ...` on stderr and exits with its code (lorafit.errors); any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from lorafit import console
-from lorafit.console import is_main_process
-from lorafit.errors import EXIT_USER_ERROR, UserError
+from lorafit.dist import is_main
+from lorafit.errors import EXIT_INTERRUPTED, UserError
 
 
 def process_start_time() -> float:
     """When this process started (epoch seconds), from /proc; the current time where /proc is missing."""
+    from lorafit.run.status import start_ticks
+
+    ticks = start_ticks(os.getpid())
     try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
         with open("/proc/stat") as f:
             boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        return boot + int(ticks) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, TypeError, StopIteration):
         return time.time()
 
 
@@ -71,44 +70,22 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-class RunDir:
-    """The run folder; removed again if this process created it and the run ends in a user error."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.created = False
-
-    def create(self) -> Path:
-        if is_main_process():
-            if not self.path.exists():
-                self.path.mkdir(parents=True)
-                self.created = True
-            console.attach_file(self.path / "log.txt")  # what was logged so far, then everything
-        return self.path
-
-    def discard_if_created(self) -> None:
-        if self.created:
-            console.detach_file()
-            shutil.rmtree(self.path, ignore_errors=True)
-
-
-def main(run: Callable[[argparse.Namespace, list[RunDir]], int], argv: list[str] | None = None,
-         description: str = "") -> int:
-    """src/train.py's entry: parse, then `run(args, holder)` inside the error boundary (`guarded`)."""
+def main(run: Callable[[argparse.Namespace], int], argv: list[str] | None = None, description: str = "") -> int:
+    """src/train.py's entry: parse, then `run(args)` inside the error boundary (`guarded`)."""
     args = parser(description).parse_args(argv)
-    holder: list[RunDir] = []
     if args.list_recipes:
         from lorafit.recipe import describe_recipes
 
         return guarded(lambda: print(describe_recipes()) or 0)
-    return guarded(lambda: run(args, holder), holder)
+    return guarded(lambda: run(args))
 
 
-def guarded(body: Callable[[], int], holder: list[RunDir] | None = None, stream=None) -> int:
+def guarded(body: Callable[[], int], stream=None) -> int:
     """The error boundary of every entry point: logging first (before any library is imported), then `body()`.
 
-    A UserError becomes one line `lorafit: error: ...` on stderr and exit code 2, and a run folder this invocation
-    created is removed; any other exception is a bug and keeps its traceback (also written to the run's log)."""
+    A UserError becomes one line `lorafit: error: ...` on stderr and its exit code (lorafit.errors' table: 2, or 3
+    for a run that learned nothing usable); any other exception is a bug and keeps its traceback (also written to
+    the run's log). What the body holds (the run folder's lock and status) is released by its own finally."""
     console.setup(stream)
     try:
         code = body()
@@ -120,14 +97,12 @@ def guarded(body: Callable[[], int], holder: list[RunDir] | None = None, stream=
             release_groups()
         return code
     except UserError as e:
-        for rd in holder or []:
-            rd.discard_if_created()
-        if is_main_process() or os.environ.get("LORAFIT_ALL_RANKS_ERRORS"):
+        if is_main() or os.environ.get("LORAFIT_ALL_RANKS_ERRORS"):
             sys.stderr.write(f"lorafit: error: {e}\n")  # one write: other ranks may share the stream
-        return EXIT_USER_ERROR
+        return e.exit_code
     except KeyboardInterrupt:
         print("\nlorafit: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception:  # a bug: Python prints the traceback; the run's log keeps it too
         console.file_only("lorafit stopped on an unexpected error", exc_info=True)
         raise

@@ -15,7 +15,8 @@ import and warns when it cannot have it, so a one-line error would arrive with a
   routed back into these by `adopt_library_loggers()`, called after they are imported, and their own progress bars
   are turned off: the console has one bar, the training bar (lorafit.progress).
 
-This module imports nothing from outside the standard library but tqdm, so that it can run first.
+This module imports nothing from outside the standard library but tqdm (and lorafit.dist, which imports no torch),
+so that it can run first.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from lorafit.dist import is_main
+
 log = logging.getLogger("lorafit")
 
 FORMAT = "%(asctime)s lorafit: %(message)s"
@@ -35,15 +38,6 @@ DATEFMT = "%H:%M:%S"
 LIBRARY_LOGGERS = ("transformers", "datasets", "DeepSpeed", "huggingface_hub", "accelerate", "peft", "trl",
                    "bitsandbytes", "torch")
 _BUFFER_LIMIT = 20_000  # records kept before the run folder exists; beyond it the oldest are dropped
-
-
-def rank() -> int:
-    """This process's global rank as the launcher set it (0 without a launcher); readable before torch is imported."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_main_process() -> bool:
-    return rank() == 0
 
 
 class _ConsoleFilter(logging.Filter):
@@ -126,7 +120,7 @@ _file_handler: _RunFileHandler | None = None
 def setup(stream=None, quiet_ranks: bool = True) -> None:
     """Route every logger into the console and the run's log file (see the module docstring). Idempotent."""
     global _file_handler
-    main = is_main_process() or not quiet_ranks
+    main = is_main() or not quiet_ranks
     level = logging.INFO if main else logging.WARNING
     root = logging.getLogger()
     for h in list(root.handlers):

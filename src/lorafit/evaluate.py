@@ -5,7 +5,7 @@ module adds what the Trainer has no notion of:
 
 - sample answers: a few fixed prompts (`eval.prompts`, else the first held-out ones) answered greedily after each
   evaluation and written as text `eval/sample_<i>`, so a user watches the answers change;
-- the skill check: for `synthetic:<task>` data, exact-match accuracy (`lorafit.tasks.exact_match`) on held-out
+- the skill check: for `synthetic:<task>` data, exact-match accuracy (`lorafit.data.tasks.exact_match`) on held-out
   prompts before the first step and after the last, as `eval/skill_exact_match` and summary `skill_before` /
   `skill_after`.
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from transformers import TrainerCallback
 
-from lorafit import tasks
+from lorafit.data import tasks
 from lorafit.recipe import Recipe
 
 log = logging.getLogger("lorafit")
@@ -133,7 +133,7 @@ def sample_markdown(prompt: Prompt, answer: str) -> str:
 class EvalCallback(TrainerCallback):
     """Sample answers after each evaluation; the skill check at the start and the end of training."""
 
-    def __init__(self, cfg: Recipe, layout, renderer, tokenizer, conversations, writer):
+    def __init__(self, cfg: Recipe, layout, renderer, tokenizer, conversations, writer, results: dict | None = None):
         self.cfg = cfg.eval
         self.renderer = renderer
         self.tok = tokenizer
@@ -143,7 +143,9 @@ class EvalCallback(TrainerCallback):
         self.all_ranks = layout.kind == "zero3" and layout.world_size > 1
         self.samples = sample_prompts(cfg, conversations) if conversations or cfg.eval.prompts else []
         self.skill = skill_prompts(cfg, conversations)
-        self.results: dict = {}
+        # summary.json's evaluation keys; the run session's dict, kept in every checkpoint so a resumed run's summary
+        # still has skill_before and eval_loss_before
+        self.results: dict = {} if results is None else results
 
     def _answer(self, args, model, prompts: list[Prompt], max_new_tokens: int) -> list[str] | None:
         if not prompts or not (self.is_main or self.all_ranks):

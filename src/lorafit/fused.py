@@ -22,7 +22,7 @@ to the host).
 
 `quantization.dequant_kernel=triton` dequantizes with lorafit's Triton kernel instead of bitsandbytes'
 (`_triton_dequantize`): bitsandbytes' `kDequantizeBlockwise` moved ~2.2 TB/s on an H200 (445 calls, 15.2 ms per
-7B step, docs/benchmarks.md call Q2), under half the memory bandwidth, for an elementwise job: two 4-bit codes per
+7B step, measured with bench/dequant.py), under half the memory bandwidth, for an elementwise job: two 4-bit codes per
 byte looked up in the 16-value NF4 table and scaled by their block's absmax, in float32, rounded once to the output
 dtype, the arithmetic of bitsandbytes' kernel (the GPU test compares the two bit for bit).
 

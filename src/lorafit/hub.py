@@ -34,9 +34,14 @@ def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
 
 
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
+
+
 def looks_local(name: str) -> bool:
-    """A hub id is `name` or `owner/name`; a path starts with . / ~, has two slashes or more, or exists here."""
-    return name.startswith((".", "/", "~")) or name.count("/") >= 2 or Path(name).expanduser().exists()
+    """A hub id is `name` or `owner/name`; anything else is meant as a local path: it starts with . / ~, has two
+    slashes or more, names a data file, or exists here. The one rule for models, tokenizers and data."""
+    return (name.startswith((".", "/", "~")) or name.count("/") >= 2 or name.lower().endswith(DATA_SUFFIXES)
+            or Path(name).expanduser().exists())
 
 
 def hub_ids(cfg) -> list[str]:

@@ -37,7 +37,7 @@ Why:
   (quantization.keep_dequantized) need a run without recompute and offloading.
 - The fused layers' NF4 dequantize is bitsandbytes' kernel unless quantization.dequant_kernel=triton asks for
   lorafit's, which runs on a GPU with Triton (a CPU run keeps bitsandbytes', with a note).
-- The training loss's LM head runs on positions the collator indexes on the host (lorafit.fastpath, no device sync)
+- The training loss's LM head runs on positions the collator indexes on the host (lorafit.lm_head, no device sync)
   everywhere but ZeRO-3, whose sharded head weight TRL's fused head gathers first.
 """
 
@@ -70,7 +70,7 @@ BNB_OPTIMIZERS = frozenset(
         "rmsprop_bnb",
         "rmsprop_bnb_8bit",
         "rmsprop_bnb_32bit",
-        "lorafit_adamw_32bit",  # lorafit.fastpath: bitsandbytes' 32-bit AdamW without the per-tensor sync
+        "lorafit_adamw_32bit",  # lorafit.optim: bitsandbytes' 32-bit AdamW without the per-tensor sync
     }
 )
 _PRECISION_OF = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
@@ -96,7 +96,7 @@ class Layout:
     attn_implementation: str = "sdpa"  # the name handed to transformers (model.attn_implementation, resolved)
     fused_4bit: bool = False  # lorafit.fused swaps the 4-bit linears (lora.fused, where the layout allows it)
     keep_dequantized: bool = False  # ... and keeps their 16-bit weights for the backward
-    indexed_lm_head: bool = True  # the training loss's LM head on host-indexed positions (lorafit.fastpath)
+    indexed_lm_head: bool = True  # the training loss's LM head on host-indexed positions (lorafit.lm_head)
     dequant_kernel: str = "bitsandbytes"  # the fused layers' NF4 dequantize: bitsandbytes | triton (lorafit.fused)
     notes: list[str] = field(default_factory=list)
 
@@ -142,6 +142,20 @@ def _deepspeed(env: Mapping[str, str]) -> dict | None:
     return ds
 
 
+@dataclass
+class _Launch:
+    """What the launcher and the machine say, read once: the world, this process's place in it, the engine."""
+
+    world: int
+    rank: int
+    local: int
+    on_cpu: bool
+    ds: dict | None
+    stage: int | None
+    kind: str  # cpu | single | ddp | zero2 | zero3
+    gpu_count: int
+
+
 def decide(
     cfg: Recipe,
     env: Mapping[str, str] | None = None,
@@ -151,18 +165,63 @@ def decide(
     shape=None,
     gpu_gib: float | None = None,
 ) -> Layout:
-    """Decide the layout from the launch environment and the recipe; refuse what cannot work (UserError)."""
+    """Decide the layout from the launch environment and the recipe; refuse what cannot work (UserError). The
+    recipe's own cross-field rules were checked when it was loaded (Recipe.validate); these are the launch's."""
     env = os.environ if env is None else env
     if cuda_available is None or gpu_count is None:
         import torch
 
         cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
         gpu_count = (torch.cuda.device_count() if cuda_available else 0) if gpu_count is None else gpu_count
+    launch = _launch(cfg, env, cuda_available, gpu_count)
+    _check_precision(cfg, env, launch, bf16_supported)
+    notes: list[str] = []
+    storage, device_map, gc_kwargs = _placement(cfg, launch, notes)
+    if not launch.on_cpu and launch.world == 1 and launch.gpu_count > 1 and not launch.ds:
+        # One process with several visible GPUs would make HF Trainer wrap the model in nn.DataParallel, which TRL
+        # refuses with a traceback (seen on a 4-GPU H100 box); a 4-bit model cannot be replicated that way anyway.
+        raise UserError(
+            f"{launch.gpu_count} GPUs are visible to a single process; use them all with accelerate launch "
+            "--config_file launch/ddp.yaml (or zero2/zero3), or make one visible with CUDA_VISIBLE_DEVICES=0"
+        )
+    gc = _checkpointing(cfg, launch, shape, gpu_gib, notes)
+    fused, keep, dequant = _fused_layers(cfg, launch, gc, notes)
+    t = cfg.training
+    return Layout(
+        kind=launch.kind,
+        world_size=launch.world,
+        rank=launch.rank,
+        local_rank=launch.local,
+        device="cpu" if launch.on_cpu else f"cuda:{launch.local}",
+        device_map=device_map,
+        quant_storage=storage,
+        compute_dtype=cfg.quantization.compute_dtype,
+        gradient_checkpointing=gc,
+        gradient_checkpointing_kwargs=gc_kwargs if gc else {},
+        ddp_find_unused_parameters=False if launch.world > 1 else None,
+        zero_stage=launch.stage,
+        effective_batch=t.per_device_batch_size * t.gradient_accumulation_steps * launch.world,
+        cpu_threads=_cpu_threads(env) if launch.on_cpu and launch.world == 1 else None,
+        # torch 2.11 sends sdpa with a padding mask to cuDNN first on Hopper, and cuDNN builds an execution plan for
+        # each new (batch, length): ~1.1 s forward + backward per new shape, measured on an H100 (docs/benchmarks.md).
+        # Without it sdpa takes its memory-efficient or flash kernel, which need no plan.
+        sdpa_cudnn=cfg.model.sdpa_cudnn,
+        attn_implementation=_attention(cfg, launch),
+        fused_4bit=fused,
+        keep_dequantized=keep,
+        # ZeRO-3 shards the LM head's weight: TRL's fused head gathers it, the indexed head would read the shard
+        indexed_lm_head=launch.kind != "zero3",
+        dequant_kernel=dequant,
+        notes=notes,
+    )
+
+
+def _launch(cfg: Recipe, env: Mapping[str, str], cuda_available: bool, gpu_count: int) -> _Launch:
+    """Where and how this process runs; refuses launches lorafit has no layout for."""
     world = int(env.get("WORLD_SIZE", "1"))
     rank = int(env.get("RANK", "0"))
     local = int(env.get("LOCAL_RANK", "0"))
-    q, t = cfg.quantization, cfg.training
-
+    t = cfg.training
     if _truthy(env.get("ACCELERATE_USE_FSDP")):
         raise UserError(
             "FSDP is not a lorafit layout; for sharded 4-bit training use launch/zero3.yaml "
@@ -176,7 +235,6 @@ def decide(
             f"process {local} of this machine has no GPU of its own ({gpu_count} visible); launch at "
             f"most {gpu_count} processes per machine (--num_processes {gpu_count})"
         )
-
     ds = _deepspeed(env)
     stage = ds["stage"] if ds else None
     if ds and (_truthy(env.get("ACCELERATE_USE_CPU")) or (t.device == "cpu" and cuda_available)):
@@ -201,14 +259,18 @@ def decide(
             "launch/zero3.yaml without offload"
         )
     kind = "zero3" if stage == 3 else "zero2" if stage == 2 else "ddp" if world > 1 else "cpu" if on_cpu else "single"
+    return _Launch(world, rank, local, on_cpu, ds, stage, kind, gpu_count)
 
+
+def _check_precision(cfg: Recipe, env: Mapping[str, str], launch: _Launch, bf16_supported: bool | None) -> None:
     # The trainer runs in the compute dtype's precision on a GPU (bf16=/fp16= of its arguments, which override the
     # launcher's) and in float32 on a CPU, where the launcher's setting would take effect instead (autocast under DDP,
     # DeepSpeed's bf16 mode). A launcher asking for another precision is refused rather than half-applied.
+    q = cfg.quantization
     mp = (env.get("ACCELERATE_MIXED_PRECISION") or "no").lower()
-    trainer_mp = "no" if on_cpu else _PRECISION_OF[q.compute_dtype]
+    trainer_mp = "no" if launch.on_cpu else _PRECISION_OF[q.compute_dtype]
     if mp != "no" and mp != trainer_mp:
-        if on_cpu:
+        if launch.on_cpu:
             raise UserError(
                 f"the launch asks for mixed precision {mp}, but lorafit trains in float32 on a CPU; pass "
                 "--mixed_precision no to accelerate launch"
@@ -218,119 +280,80 @@ def decide(
             f"pass --mixed_precision {trainer_mp} to accelerate launch, or set --set "
             f"quantization.compute_dtype={_compute_for(mp)}"
         )
-    if not on_cpu and q.compute_dtype == "bfloat16" and bf16_supported is False:
+    if not launch.on_cpu and q.compute_dtype == "bfloat16" and bf16_supported is False:
         raise UserError(
             "this GPU has no bfloat16 support; set --set quantization.compute_dtype=float16 and launch "
             "with --mixed_precision fp16"
         )
 
-    notes: list[str] = []
-    if kind == "zero3":
+
+def _placement(cfg: Recipe, launch: _Launch, notes: list[str]) -> tuple[str, dict | None, dict]:
+    """(4-bit storage dtype, device_map, checkpointing kwargs): the table in the module docstring."""
+    q = cfg.quantization
+    if launch.kind == "zero3":
         if q.load_in_4bit and q.quant_storage not in {"auto", q.compute_dtype}:
             raise UserError(
                 f"ZeRO-3 needs the packed 4-bit weights stored in the compute dtype ({q.compute_dtype}), "
                 f"not {q.quant_storage}; leave quantization.quant_storage=auto, or use launch/zero2.yaml"
             )
-        storage = q.compute_dtype
-        device_map = None
-        gc_kwargs = {"use_reentrant": True}
         notes.append("ZeRO-3: no device_map; 4-bit weights stored in the compute dtype so they shard with the rest")
-    else:
-        storage = "uint8" if q.quant_storage == "auto" else q.quant_storage
-        device_map = {"": "cpu"} if on_cpu else {"": local}
-        gc_kwargs = {"use_reentrant": False}
+        return q.compute_dtype, None, {"use_reentrant": True}
+    storage = "uint8" if q.quant_storage == "auto" else q.quant_storage
+    return storage, {"": "cpu"} if launch.on_cpu else {"": launch.local}, {"use_reentrant": False}
 
-    if not on_cpu and world == 1 and gpu_count > 1 and not ds:
-        # One process with several visible GPUs would make HF Trainer wrap the model in nn.DataParallel, which TRL
-        # refuses with a traceback (seen on a 4-GPU H100 box); a 4-bit model cannot be replicated that way anyway.
-        raise UserError(
-            f"{gpu_count} GPUs are visible to a single process; use them all with accelerate launch --config_file "
-            "launch/ddp.yaml (or zero2/zero3), or make one visible with CUDA_VISIBLE_DEVICES=0"
-        )
+
+def _attention(cfg: Recipe, launch: _Launch) -> str:
+    """The attention implementation's name as transformers gets it (lorafit's for varlen)."""
     attn = cfg.model.attn_implementation
-    if attn == "varlen":
-        if not (cfg.data.packing or cfg.data.padding_free):
-            raise UserError(
-                "model.attn_implementation=varlen runs on padding-free batches; set data.packing=true (rows packed "
-                "into full sequences) or data.padding_free=true (the same rows per step), or use sdpa"
-            )
-        from lorafit import fastpath
+    if attn != "varlen":
+        return attn
+    from lorafit import attention
 
-        if not on_cpu and not fastpath.varlen_available():
-            import torch
+    if not launch.on_cpu and not attention.varlen_available():
+        import torch
 
-            raise UserError(
-                f"model.attn_implementation=varlen needs torch.nn.attention.varlen (PyTorch 2.9 or newer; this is "
-                f"{torch.__version__}); use flex_attention or sdpa"
-            )
-        # On a CPU the same function attends each packed row with sdpa (lorafit.fastpath): correct, not fast.
-        attn = fastpath.ATTN_NAME
-    gc = t.gradient_checkpointing
-    if gc == "auto":  # the memory planner decides; shape and GPU size are looked up unless given (tests give them)
-        from lorafit import plan
+        raise UserError(
+            f"model.attn_implementation=varlen needs torch.nn.attention.varlen (PyTorch 2.9 or newer; this is "
+            f"{torch.__version__}); use flex_attention or sdpa"
+        )
+    # On a CPU the same function attends each packed row with sdpa (lorafit.attention): correct, not fast.
+    return attention.ATTN_NAME
 
-        shape = shape or plan.shape_of(cfg.model)
-        gpu_gib = gpu_gib if gpu_gib is not None or on_cpu else plan.smallest_gpu_gib()
-        gc = plan.choose_checkpointing(cfg, shape, gpu_gib, world, kind == "zero3")
-        notes.append(f"gradient checkpointing {'on' if gc else 'off'}: chosen by the memory planner (--plan)")
+
+def _checkpointing(cfg: Recipe, launch: _Launch, shape, gpu_gib: float | None, notes: list[str]) -> bool:
+    gc = cfg.training.gradient_checkpointing
+    if gc != "auto":
+        return bool(gc)
+    from lorafit import plan  # the memory planner decides; shape and GPU size are looked up unless given (tests)
+
+    shape = shape or plan.shape_of(cfg.model)
+    gpu_gib = gpu_gib if gpu_gib is not None or launch.on_cpu else plan.smallest_gpu_gib()
+    gc = plan.choose_checkpointing(cfg, shape, gpu_gib, launch.world, launch.kind == "zero3")
+    notes.append(f"gradient checkpointing {'on' if gc else 'off'}: chosen by the memory planner (--plan)")
+    return gc
+
+
+def _fused_layers(cfg: Recipe, launch: _Launch, gc: bool, notes: list[str]) -> tuple[bool, bool, str]:
+    """(fused 4-bit layers, their kept 16-bit weights, the dequantize kernel) where this launch allows them."""
+    q = cfg.quantization
     fused, keep = cfg.lora.fused and q.load_in_4bit, q.keep_dequantized
-    if keep and not cfg.lora.fused:
-        raise UserError("quantization.keep_dequantized=true needs lora.fused=true (the fused layers keep the "
-                        "weights); set both, or neither")
-    if fused and kind == "zero3":
+    if fused and launch.kind == "zero3":
         # ZeRO-3 gathers each 4-bit shard around the module's forward and backward through its own hooks; the
         # fused function has only been checked against the unsharded layouts, so ZeRO-3 keeps PEFT's layers.
         fused = keep = False
         notes.append("lora.fused off under ZeRO-3: PEFT's and bitsandbytes' own layers run there")
-    if keep and (t.gradient_checkpointing is True or t.activation_offloading):
-        raise UserError(
-            "quantization.keep_dequantized=true keeps 16-bit weights as activations, which gradient checkpointing "
-            "would recompute and activation offloading would copy to the host; set it to false, or turn both off")
     if keep and gc:
         keep = False
         notes.append("quantization.keep_dequantized off: the memory planner turned gradient checkpointing on")
     dequant = q.dequant_kernel
     if dequant == "triton":
-        if not cfg.lora.fused:
-            raise UserError("quantization.dequant_kernel=triton is the fused layers' kernel; set lora.fused=true, or "
-                            "dequant_kernel=bitsandbytes")
-        if q.quant_type != "nf4" or q.double_quant:
-            raise UserError("quantization.dequant_kernel=triton dequantizes plain NF4 (quant_type=nf4, "
-                            "double_quant=false); set those, or dequant_kernel=bitsandbytes")
         import importlib.util
 
-        if not fused or on_cpu or importlib.util.find_spec("triton") is None:
+        if not fused or launch.on_cpu or importlib.util.find_spec("triton") is None:
             dequant = "bitsandbytes"
-            why = "no fused layers here" if not fused else "a CPU run" if on_cpu else "Triton is not installed"
+            why = "no fused layers here" if not fused else "a CPU run" if launch.on_cpu else "Triton is not installed"
             notes.append(f"quantization.dequant_kernel=bitsandbytes: {why}")
-
-    return Layout(
-        kind=kind,
-        world_size=world,
-        rank=rank,
-        local_rank=local,
-        device="cpu" if on_cpu else f"cuda:{local}",
-        device_map=device_map,
-        quant_storage=storage,
-        compute_dtype=q.compute_dtype,
-        gradient_checkpointing=gc,
-        gradient_checkpointing_kwargs=gc_kwargs if gc else {},
-        ddp_find_unused_parameters=False if world > 1 else None,
-        zero_stage=stage,
-        effective_batch=t.per_device_batch_size * t.gradient_accumulation_steps * world,
-        cpu_threads=_cpu_threads(env) if on_cpu and world == 1 else None,
-        # torch 2.11 sends sdpa with a padding mask to cuDNN first on Hopper, and cuDNN builds an execution plan for
-        # each new (batch, length): ~1.1 s forward + backward per new shape, measured on an H100 (docs/benchmarks.md).
-        # Without it sdpa takes its memory-efficient or flash kernel, which need no plan.
-        sdpa_cudnn=cfg.model.sdpa_cudnn,
-        attn_implementation=attn,
-        fused_4bit=fused,
-        keep_dequantized=keep,
-        # ZeRO-3 shards the LM head's weight: TRL's fused head gathers it, the indexed head would read the shard
-        indexed_lm_head=kind != "zero3",
-        dequant_kernel=dequant,
-        notes=notes,
-    )
+    return fused, keep, dequant
 
 
 def _cpu_threads(env: Mapping[str, str]) -> int | None:

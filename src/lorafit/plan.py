@@ -79,9 +79,7 @@ def estimate(shape: Shape, *, lora_r: int, targets: list[str] | None, tokens_per
         base = (linear_params + other_params) * dtype_bytes
     if zero3:
         base /= world
-    names = list(lin) if targets in (["all-linear"], "all-linear") else (targets or ["q_proj", "v_proj"])
-    lora_params = shape.layers * sum(lora_r * (lin[n][0] + lin[n][1]) for n in names if n in lin)
-    lora = lora_params * 16.0
+    lora = lora_parameters(shape, lora_r, targets) * 16.0
     per_layer_token = shape.hidden * ACT_BYTES_NO_GC[liger]
     if offload:
         act = tokens_per_micro_step * (2 * shape.hidden * 2.0 + per_layer_token)
@@ -105,6 +103,22 @@ def for_recipe(cfg, shape: Shape, world: int = 1, zero3: bool = False, gc: bool 
         keep_dequantized=cfg.quantization.keep_dequantized and cfg.lora.fused)
 
 
+def lora_parameters(shape: Shape, r: int, targets) -> int:
+    lin = shape.linear_shapes()
+    names = list(lin) if targets in (["all-linear"], "all-linear") else (targets or ["q_proj", "v_proj"])
+    return shape.layers * sum(r * (lin[n][0] + lin[n][1]) for n in names if n in lin)
+
+
+TOKENIZER_BYTES = 16 * 2**20  # a checkpoint's tokenizer files: Llama-2 ~2 MB, Llama-3 and Qwen2.5 ~10 MB
+
+
+def checkpoint_bytes(cfg, shape: Shape, world: int = 1) -> int:
+    """Disk a checkpoint takes: the adapter (float32 at most, 4 B/param), AdamW's two float32 moments (8 B/param,
+    sharded or not, the same in all), the tokenizer's files, and 1 MiB of scheduler, RNG and state files per rank."""
+    n = lora_parameters(shape, cfg.lora.r, cfg.lora.target_modules)
+    return int(n * 12 + TOKENIZER_BYTES + world * 2**20)
+
+
 def choose_checkpointing(cfg, shape: Shape, gpu_gib: float | None, world: int = 1, zero3: bool = False) -> bool:
     """For gradient_checkpointing=auto: off when the model fits without it, else on. No GPU: off (we do not plan
     for CPU RAM; the CPU recipes are small)."""
@@ -118,7 +132,7 @@ def shape_of(model_cfg) -> Shape:
     from transformers import AutoConfig
 
     from lorafit.errors import UserError
-    from lorafit.model import resolve_source
+    from lorafit.source import resolve_source
 
     src = resolve_source(model_cfg)
     kw = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file else {}

@@ -18,19 +18,26 @@ _RENAME = {"train_loss": None, "total_flos": None, "train_runtime": None, "train
 
 
 class RankZeroWriter:
-    """A SummaryWriter on the main process; every method is a no-op on other ranks."""
+    """A SummaryWriter on the main process, opened at its first use (training has begun: the run folder is
+    validated and may change); every method is a no-op on other ranks."""
 
     def __init__(self, log_dir: str | None, is_main: bool, purge_step: int | None = None):
         self._w = None
-        if is_main and log_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._w = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+        self._args = (log_dir, purge_step) if is_main and log_dir else None
 
     def __getattr__(self, name):
+        if self._w is None and self._args is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir, purge_step = self._args
+            self._w = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
         if self._w is None:
             return lambda *a, **k: None
         return getattr(self._w, name)
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
 
 
 def tag_for(key: str) -> str | None:

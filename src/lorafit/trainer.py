@@ -1,29 +1,25 @@
-"""Trainer assembly: TRL's SFTTrainer configured from the recipe and the layout, plus lorafit's callbacks.
+"""Trainer assembly: TRL's SFTTrainer configured from the recipe and the layout, and LorafitTrainer, the one place
+that overrides HF Trainer's methods.
 
 TRL builds labels from our `completion_mask`, pads or packs, and runs HF Trainer's loop (optimizer, schedule,
-accumulation, clipping, DDP/DeepSpeed through accelerate, progress bar). What we add: real-token accounting without a
-device sync per step, TensorBoard tags, and the run summary.
+accumulation, clipping, DDP/DeepSpeed through accelerate). What LorafitTrainer adds: real-token accounting without a
+device sync per step, the training loss without TRL's per-step metric syncs, and the run folder's hooks (checkpoints
+staged and committed by lorafit.run.session, the non-finite guard, exact logging across a resume).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
-import statistics
 import time
-from pathlib import Path
 
 from trl import SFTConfig, SFTTrainer
 
-from lorafit.checkpoint import CheckpointingMixin
-from lorafit.dist import memory_per_rank
 from lorafit.errors import UserError
-from lorafit.fastpath import LABEL_INDEX_KEY, LORAFIT_OPTIMIZERS, install_indexed_lm_head, label_index
-from lorafit.fused import counts as fused_counts
 from lorafit.layout import Layout
+from lorafit.lm_head import LABEL_INDEX_KEY, install_indexed_lm_head, label_index
+from lorafit.optim import LORAFIT_OPTIMIZERS, repage_optimizer_state
 from lorafit.recipe import Recipe
 
 log = logging.getLogger("lorafit")
@@ -112,7 +108,7 @@ def check_optimizer(name: str) -> None:
 
 class CountingCollator:
     """Wraps TRL's collator: counts real (non-pad) tokens of each batch on the host, where it costs no sync, and
-    (index_labels) lists the labelled positions there for the indexed LM head (lorafit.fastpath.label_index)."""
+    (index_labels) lists the labelled positions there for the indexed LM head (lorafit.lm_head.label_index)."""
 
     def __init__(self, inner, index_labels: bool = False):
         self.inner = inner
@@ -128,9 +124,13 @@ class CountingCollator:
         return batch
 
 
-class LorafitTrainer(CheckpointingMixin, SFTTrainer):
-    """SFTTrainer that counts real tokens and reports tokens/s at each log; checkpoints go through lorafit.checkpoint
-    (staged, committed with a manifest) once a RunSession is attached."""
+class LorafitTrainer(SFTTrainer):
+    """SFTTrainer that counts real tokens and reports tokens/s at each log; once a RunSession is attached
+    (`session`), checkpoints go through it (staged, committed with a manifest), and the step guard sees every loss
+    and gradient norm."""
+
+    session = None  # lorafit.run.session.RunSession, set by RunSession.attach
+    staging_dir: str | None = None  # where HF's checkpoint writer writes while the session saves
 
     def __init__(self, *a, flops_per_token: float = 0.0, peak_flops: float = 0.0, token_metrics: bool = False,
                  indexed_lm_head: bool = False, **kw):
@@ -140,6 +140,10 @@ class LorafitTrainer(CheckpointingMixin, SFTTrainer):
             self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
         self.data_collator = CountingCollator(self.data_collator, index_labels=self.indexed_lm_head)
         self.real_tokens_local = 0
+        self._tokens_at_start = 0  # real tokens of the steps before a resume (lorafit_state.json)
+        self._loss_carry: float | None = None  # a resumed run's loss since its last log, added at its first step
+        self._last_logged_carry: int | None = None
+        self._tr_loss_ref = None  # HF's accumulated loss since the last log, as the last log call saw it
         self._last_log = None  # (time, tokens, step) at the previous training log; the clock starts at step 1
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.token_metrics = token_metrics
@@ -150,7 +154,7 @@ class LorafitTrainer(CheckpointingMixin, SFTTrainer):
         """HF's count (6 x input tokens x non-embedding parameters) with the parameter count taken once. HF recounts
         it on every micro-step by walking every module: 9 ms per step of a tiny 32-layer PEFT model on this project's
         CPU (cProfile), host time in which the GPU can run out of queued work. On an H100 the change was within the
-        run-to-run spread (docs/benchmarks.md, call I); it is kept because the count cannot change."""
+        run-to-run spread (docs/benchmarks.md); it is kept because the count cannot change."""
         main = getattr(self.model, "main_input_name", "input_ids")
         if main not in inputs or not hasattr(self.model, "num_parameters"):
             return 0
@@ -173,9 +177,81 @@ class LorafitTrainer(CheckpointingMixin, SFTTrainer):
 
     def training_step(self, model, inputs, *a, **kw):
         if self._last_log is None:
-            self._last_log = (time.perf_counter(), 0, self.state.global_step)
+            self._last_log = (time.perf_counter(), self._tokens_at_start, self.state.global_step)
         self.real_tokens_local += int(inputs.pop(REAL_TOKENS_KEY, 0))
-        return super().training_step(model, inputs, *a, **kw)
+        loss = super().training_step(model, inputs, *a, **kw)
+        if self.session is not None:
+            self.session.guard.note_loss(loss)
+        if self._loss_carry is not None:
+            # A resumed run's first micro-step: HF adds what this returns to its accumulated loss, which starts at 0;
+            # the carried sum makes the first log after a resume the mean over the same steps as the uninterrupted
+            # run's (0 + (x + carry) equals carry + x exactly; only the logged value changes, never the gradients).
+            loss = loss + self._loss_carry
+            self._globalstep_last_logged = self._last_logged_carry
+            self._loss_carry = None
+        return loss
+
+    def restore_logging(self, saved: dict) -> None:
+        """On a resume (RunSession.attach): the loss accumulated since the last log, the step of that log, and the
+        real tokens seen, as lorafit_state.json kept them, so the logged curves continue the stopped run's."""
+        if not saved:
+            return
+        if saved.get("last_logged_step") is not None:
+            self._loss_carry = float(saved.get("loss_since_log", 0.0))
+            self._last_logged_carry = int(saved["last_logged_step"])
+        tokens = int(saved.get("tokens_seen", 0))
+        self._tokens_at_start = tokens
+        self.real_tokens_local = tokens if self.args.process_index == 0 else 0  # the sum over ranks is the total
+
+    def logging_state(self) -> dict:
+        """What restore_logging needs, for a checkpoint (every rank calls this: the token count is a collective).
+        A log at this very step has just reset HF's accumulated loss (to 0, or NaN after a skipped step, which the
+        uninterrupted run zeroes right after; see _maybe_log_save_evaluate): the carry is then 0."""
+        tokens = self.real_tokens_total()  # collective
+        if self._globalstep_last_logged == self.state.global_step or self._tr_loss_ref is None:
+            since = 0.0
+        else:
+            since = float(self._tr_loss_ref.item())  # host-device sync, once per checkpoint
+        return {"loss_since_log": since, "last_logged_step": self._globalstep_last_logged, "tokens_seen": tokens}
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        gn = super()._get_grad_norm(model, grad_norm)
+        if self.session is not None:
+            self.session.guard.grad_norm = gn
+        return gn
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # TRL keeps a quantized model's LoRA weights in bf16, but HF reloads them with PEFT's load_adapter, whose
+        # autocast_adapter_dtype upcasts them to fp32: the resumed run would train at another precision than the
+        # run it continues. Put every trainable tensor back into the dtype it had (bf16 -> fp32 -> bf16 is exact).
+        target = self.model if model is None else model
+        before = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for n, p in target.named_parameters():
+            if n in before and p.dtype != before[n]:
+                p.data = p.data.to(before[n])
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.optimizer is not None:
+            repage_optimizer_state(self.optimizer)
+
+    def _maybe_log_save_evaluate(self, tr_loss, *a, **kw):
+        self._tr_loss_ref = tr_loss
+        super()._maybe_log_save_evaluate(tr_loss, *a, **kw)
+        if self.session is not None and self._globalstep_last_logged == self.state.global_step:
+            # HF "resets" the accumulated loss with tr_loss -= tr_loss, which keeps a NaN for ever once its own
+            # per-micro-step NaN filter is off (it is: a sync per micro-step, see build_args). Zeroing it after each
+            # log (no sync) confines a skipped step's NaN to the log interval it happened in.
+            tr_loss.zero_()
+
+    def _get_output_dir(self, trial):
+        return self.staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        if self.session is None:
+            return super()._save_checkpoint(model, trial)
+        self.session.save(self, model, trial, super()._save_checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The training loss without TRL's per-micro-step metrics (entropy, token accuracy, token counts).
@@ -183,7 +259,7 @@ class LorafitTrainer(CheckpointingMixin, SFTTrainer):
         TRL gathers and `.item()`s those every micro-step: ~5 host-device syncs that stall the kernel queue between
         forward and backward. Same loss as TRL's default path (mean NLL over answer tokens from its fused LM head);
         any other path (eval, custom loss, label smoothing, MoE aux loss, or logging.token_metrics) goes to TRL.
-        With the indexed LM head (lorafit.fastpath) the head scores the positions the collator listed on the host,
+        With the indexed LM head (lorafit.lm_head) the head scores the positions the collator listed on the host,
         without TRL's device-side masking and its syncs."""
         label_idx = inputs.pop(LABEL_INDEX_KEY, None)
         lean = (self.model.training and not return_outputs and not self.token_metrics
@@ -219,6 +295,8 @@ class LorafitTrainer(CheckpointingMixin, SFTTrainer):
         return int(self.accelerator.reduce(t, reduction="sum").item())  # host-device sync
 
     def log(self, logs, start_time=None):
+        if self.session is not None and "loss" in logs:
+            logs["skipped_steps"] = self.session.guard.skipped
         if "loss" in logs and self._last_log is not None:  # a training log: real tokens/s since the previous one
             now = time.perf_counter()
             total = self.real_tokens_total()
@@ -294,61 +372,3 @@ def build_trainer(cfg: Recipe, layout: Layout, args: SFTConfig, model, tokenizer
         raise RuntimeError(f"the launch asked for DeepSpeed={args.deepspeed_plugin is not None} but accelerate set up "
                            f"{sft.accelerator.distributed_type}")
     return sft
-
-
-def write_summary(run_dir: Path, cfg: Recipe, layout: Layout, trainer: LorafitTrainer, prepared, wall: float,
-                  trainable: int, extra: dict | None = None) -> dict:
-    hist = trainer.state.log_history
-    losses = [h["loss"] for h in hist if "loss" in h]
-    evals = [h["eval_loss"] for h in hist if "eval_loss" in h]
-    tokens = trainer.real_tokens_total()  # collective (all ranks call write_summary)
-    summary = {
-        "recipe": cfg.name,
-        "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch or 0.0, 4),
-        "final_loss": losses[-1] if losses else None,
-        "first_loss": losses[0] if losses else None,
-        "first_losses": losses[:10],
-        "tokens_seen": tokens,
-        "tokens_per_second": round(tokens / wall, 2) if wall > 0 else None,
-        # what one optimizer step sees, all ranks together (with packing a "row" is a packed sequence):
-        # tokens_per_step tokens in effective_batch rows
-        "tokens_per_step": round(tokens / max(trainer.state.global_step, 1), 1),
-        "wall_time_s": round(wall, 2),
-        "layout": layout.kind,
-        "world_size": layout.world_size,
-        "effective_batch": layout.effective_batch,
-        "trainable_parameters": trainable,
-        "fused_4bit_layers": fused_counts(trainer.model),
-        "data": {k: v for k, v in vars(prepared.stats).items() if k != "skipped_examples"},
-    }
-    summary.update(memory_per_rank(trainer.model))  # collective: every rank's peak and parameter bytes, by rank
-    if "peak_gpu_memory_gib_per_rank" in summary:
-        summary["peak_gpu_memory_gib"] = summary["peak_gpu_memory_gib_per_rank"][layout.rank]  # this rank's
-    summary.update(steady_figures(hist))
-    # seconds per optimizer step over each logging interval, in order (warm-up included): a run's slow stretches
-    summary["logged_step_times_s"] = [h["step_time"] for h in hist if "step_time" in h]
-    if evals:
-        summary["eval_loss_final"] = evals[-1]
-        summary["eval_loss_best"] = min(evals)
-        summary["eval_perplexity_final"] = math.exp(min(evals[-1], 50.0))
-    summary.update(extra or {})
-    if layout.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def steady_figures(hist: list[dict]) -> dict:
-    """Steady-state rates from the trainer's log history, skipping the first two timed logs (warm-up, compilation):
-    the median of each logged rate, and the time-weighted mean tokens/s (all their tokens over all their time), which
-    is steadier than a median of rates where the per-step rate swings with the rows drawn (padded batches)."""
-    steady = [h for h in hist if "tokens_per_second" in h][2:]
-    out = {}
-    for key, name in (("tokens_per_second", "steady_tokens_per_second"), ("step_time", "steady_step_time_s"),
-                      ("mfu", "steady_mfu")):
-        if steady and all(key in h for h in steady):
-            out[name] = statistics.median_high(h[key] for h in steady)
-    if steady and all("step_time" in h for h in steady):
-        out["steady_tokens_per_second_mean"] = round(
-            sum(h["tokens_per_second"] * h["step_time"] for h in steady) / sum(h["step_time"] for h in steady), 2)
-    return out
