@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-COMMON = ["training.max_steps=6", "training.per_device_batch_size=2", "data.max_length=128", "data.max_rows=48",
+COMMON = ["training.max_steps=6", "training.per_device_batch_size=2", "data.max_length=512", "data.max_rows=48",
           "quantization.compute_dtype=float32", "lora.r=8", "logging.steps=1", "training.learning_rate=0.01",
           "checkpoint.every_steps=3", "checkpoint.every_minutes=0"]
 RUNS = {

@@ -25,7 +25,7 @@ def recipe() -> Recipe:
         quantization=QuantizationConfig(load_in_4bit=True, quant_type="nf4", double_quant=False,
                                         compute_dtype="bfloat16"),
         lora=LoraConfig(r=64, alpha=16, dropout=0.1, bias="none", target_modules=None),
-        data=DataConfig(path="mlabonne/guanaco-llama2-1k", format="llama2", max_length=1024),
+        data=DataConfig(path="mlabonne/guanaco-llama2-1k", max_length=1024),  # format: auto, from the columns
         training=TrainingConfig(epochs=1, per_device_batch_size=4, gradient_accumulation_steps=1,
                                 learning_rate=2e-4, lr_scheduler="cosine", warmup_ratio=0.03, max_grad_norm=0.3,
                                 weight_decay=0.001, optimizer="paged_adamw_32bit", gradient_checkpointing=True),

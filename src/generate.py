@@ -2,6 +2,7 @@
 
     python src/generate.py --run runs/quickstart                      # chat; /reset forgets, empty line or Ctrl-D quits
     python src/generate.py --run runs/quickstart --prompt "Reverse the order of these words: lamp river stone"
+    python src/generate.py --run runs/quickstart --input rows.jsonl --output answers.jsonl --metric exact
     python src/generate.py --run runs/quickstart --base-only --prompt "..."   # the same base without the adapter
     python src/generate.py --run runs/quickstart/merged --prompt "..."        # a merged folder (src/merge.py)
     python src/generate.py --run runs/try1/checkpoints/checkpoint-100 --prompt "..."   # a checkpoint's adapter
@@ -11,6 +12,12 @@ Hugging Face model folder (a merged export). A run is rebuilt from its recipe.ya
 base, quantized the same way, with the adapter on top. Prompts are rendered in the run's chat format (the Llama-2
 `[INST]` format or the tokenizer's chat template, whichever the run trained with). Decoding is greedy unless
 --temperature > 0. With --prompt the answer alone goes to stdout (logs go to stderr), so scripts can capture it.
+
+--input answers every row of a file in batches (greedy, one model load, a progress bar): rows with a `prompt` column
+(and optionally `system`, `reference`), or rows of any format lorafit trains on (their first turn is the prompt, its
+answer the reference). --output gets one JSON line per row: prompt, answer, and reference and score where there is a
+reference (--metric exact | contains | regex, lorafit.metrics). In the chat, end a line with \\ to go on typing on the
+next (a multi-line prompt).
 """
 
 from __future__ import annotations
@@ -157,14 +164,30 @@ def answer(net, tok, ids: list[int], max_new_tokens: int, temperature: float, st
     return tok.decode(new[:cut], skip_special_tokens=True).strip()
 
 
-def chat(net, tok, renderer, args) -> None:
-    history: list[tuple[str, str]] = []
-    print("lorafit chat: empty line or Ctrl-D quits, /reset forgets the conversation", file=sys.stderr)
+def read_turn() -> str | None:
+    """One user turn from the terminal: lines ending with a backslash go on to the next line. None at Ctrl-D."""
+    lines, prompt = [], "you> "
     while True:
         try:
-            user = input("you> ").strip()
+            line = input(prompt)
         except EOFError:
             print()
+            return None
+        if line.endswith("\\"):
+            lines.append(line[:-1])
+            prompt = "...> "
+            continue
+        lines.append(line)
+        return "\n".join(lines).strip()
+
+
+def chat(net, tok, renderer, args) -> None:
+    history: list[tuple[str, str]] = []
+    print("lorafit chat: empty line or Ctrl-D quits, /reset forgets the conversation, a line ending in \\ goes on",
+          file=sys.stderr)
+    while True:
+        user = read_turn()
+        if user is None:
             return
         if not user:
             return
@@ -183,6 +206,36 @@ def chat(net, tok, renderer, args) -> None:
         history.append((user, text))
 
 
+def answer_file(net, tok, renderer, cfg, args) -> None:
+    """--input: every row answered greedily in batches of --batch-size, written to --output in the input's order."""
+    import torch
+    from tqdm import tqdm
+
+    from lorafit import evaluate, metrics
+    from lorafit.data.prompts import read_prompts
+
+    rows = read_prompts(Path(args.input), cfg.data)
+    ids = [renderer.prompt_ids(r.user, r.system if r.system is not None else args.system) for r in rows]
+    with tqdm(total=len(rows), unit="prompt", desc="generate", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+        dtype = getattr(torch, cfg.quantization.compute_dtype) if next(net.parameters()).is_cuda else None
+        answers = evaluate.greedy_answers(net, tok, ids, args.max_new_tokens, args.batch_size,
+                                          autocast_dtype=dtype, progress=bar.update)
+    scores = []
+    with open(args.output, "w", encoding="utf-8") as fh:
+        for r, a in zip(rows, answers):
+            out = {"prompt": r.user, "answer": a}
+            if r.reference is not None:
+                out["reference"] = r.reference
+                if args.metric:
+                    out["score"] = metrics.score(args.metric, a, r.reference, args.regex)
+                    scores.append(out["score"])
+            fh.write(json.dumps(out, ensure_ascii=False) + "\n")
+    line = f"{len(rows)} answers in {args.output}"
+    if scores:
+        line += f"; {args.metric} {sum(scores) / len(scores):.3f} on the {len(scores)} rows with a reference"
+    log.info("%s", line)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run folder, checkpoint folder or merged model folder")
@@ -192,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--base-only", action="store_true", help="the run's base model without its adapter")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: CUDA when available")
+    p.add_argument("--input", help="answer every row of this file (jsonl, json, csv, parquet) in batches")
+    p.add_argument("--output", help="with --input: the answers, one JSON line per row (default: INPUT.answers.jsonl)")
+    p.add_argument("--batch-size", type=int, default=16, help="with --input: prompts generated together (default 16)")
+    p.add_argument("--metric", choices=["exact", "contains", "regex"], help="with --input: score rows with a reference")
+    p.add_argument("--regex", help="with --metric regex: the pattern that finds the answer (its first group)")
     args = p.parse_args(argv)
     return cli.guarded(lambda: run(args), stream=sys.stderr)  # stdout carries only answers; logs go to stderr
 
@@ -203,10 +261,24 @@ def run(args) -> int:
         raise UserError(f"--temperature {args.temperature}: give 0 (greedy) or a positive temperature")
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty; give the text to answer")
+    if args.input is not None:
+        if args.prompt is not None:
+            raise UserError("--prompt and --input both given; answer one prompt, or a file of them")
+        if not Path(args.input).is_file():
+            raise UserError(f"--input {args.input}: no such file; give a jsonl, json, csv or parquet file of prompts")
+        if args.batch_size <= 0:
+            raise UserError(f"--batch-size {args.batch_size}: give a positive number of prompts")
+        if args.metric == "regex" and not args.regex:
+            raise UserError("--metric regex needs --regex PATTERN (its first group is the answer)")
+        args.output = args.output or str(Path(args.input).with_suffix("")) + ".answers.jsonl"
+        if Path(args.output).resolve() == Path(args.input).resolve():
+            raise UserError(f"--output {args.output} is the input file; give another file for the answers")
     net, tok, renderer, cfg = load(Path(args.run), args.base_only, args.device)
     if args.system is None:
         args.system = cfg.data.system_prompt
-    if args.prompt is not None:
+    if args.input is not None:
+        answer_file(net, tok, renderer, cfg, args)
+    elif args.prompt is not None:
         answer(net, tok, renderer.prompt_ids(args.prompt, args.system), args.max_new_tokens, args.temperature,
                stream=True)
     else:

@@ -60,7 +60,7 @@ def train(args) -> int:
         writer = tb.RankZeroWriter(str(run.path / "tb") if cfg.logging.tensorboard else None, lay.is_main,
                                    run.purge_step)  # opens at the first event, once training has begun
         evals = evaluate.EvalCallback(cfg, lay, prepared.renderer, tok, prepared.eval_conversations, writer,
-                                      run.results)
+                                      run.results, run.path)
         shown = progress.TrainProgress(lay.is_main, cfg.logging.progress_bar, prepared.stats.eval_rows)
         callbacks = [tb.TensorBoardLogger(writer, cfg.to_yaml()), shown, evals]  # the eval line before its sample
         sft = trainer.build_trainer(cfg, lay, args_hf, net, tok, prepared, callbacks)

@@ -33,7 +33,8 @@ def train_args(model_dir: Path, data: Path | str, out: Path, *extra: str) -> lis
 DATA_CASES = {
     "missing.jsonl": ("data.path", "missing.jsonl does not exist"),
     "empty.jsonl": ("empty.jsonl has no rows",),
-    "missing_column.jsonl": ("missing_column.jsonl", "needs column(s) ['text']", "found ['answer', 'prompt']"),
+    "missing_column.jsonl": ("missing_column.jsonl", "cannot tell the format from columns ['answer', 'prompt']",
+                             "set data.format"),
     "non_string.jsonl": ("non_string.jsonl line 3", "column 'text' is list, not text"),
     "empty_text.jsonl": ("empty_text.jsonl line 2", "column 'text' is empty"),
     "unparseable.jsonl": ("unparseable.jsonl line 4 is not valid JSON", "data.bad_rows=skip"),
@@ -46,6 +47,13 @@ def test_bad_data(tmp_path, tiny_llama_dir, name):
     out = tmp_path / "run"
     r = run_cli(train_args(tiny_llama_dir, BAD / name, out))
     assert_user_error(r, out, *DATA_CASES[name])
+
+
+def test_a_format_set_by_hand_names_the_columns_it_needs(tmp_path, tiny_llama_dir):
+    out = tmp_path / "run"
+    r = run_cli(train_args(tiny_llama_dir, BAD / "missing_column.jsonl", out, "--set", "data.format=llama2"))
+    assert_user_error(r, out, "missing_column.jsonl", "format 'llama2' needs column(s) ['text']",
+                      "found ['answer', 'prompt']")
 
 
 def test_bad_rows_skip_trains_and_counts(tmp_path, tiny_llama_dir):

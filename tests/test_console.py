@@ -128,7 +128,7 @@ def test_quickstart_console_is_lorafit_lines_and_one_bar(tmp_path):
     accelerate = shutil.which("accelerate") or str(os.path.join(os.path.dirname(sys.executable), "accelerate"))
     cmd = [accelerate, "launch", "--config_file", "launch/single.yaml", "src/train.py",  # README command 1's launch
            "--set", f"output.dir={out}", "--set", "training.max_steps=4", "--set", "training.eval_steps=2",
-           "--set", "logging.steps=1", "--set", "eval.skill_prompts=4"]
+           "--set", "logging.steps=1", "--set", "eval.metric_rows=4"]
     code, screen = run_in_terminal(cmd, env, timeout=900)
     assert code == 0, screen[-4000:]
     assert "\x1b" not in screen, repr(screen[screen.index("\x1b") - 200:][:400])  # no cursor movement or colour

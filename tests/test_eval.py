@@ -1,15 +1,16 @@
-"""Evaluation: exact-match scoring on hand-written answers, prompt selection, greedy batched generation, who generates
-under each layout, and eval metrics / sample texts / the skill check in the event files of a tiny real run."""
+"""Evaluation: the held-out metric's scoring on hand-written answers, prompt selection, greedy batched generation, who
+generates under each layout, and eval metrics / sample texts / the metric and its prediction files in a tiny run."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 
 import pytest
 from conftest import REPO, read_scalars, read_summary, run_cli, set_args, tiny_overrides
 
-from lorafit import evaluate
+from lorafit import evaluate, metrics
 from lorafit.data import Conversation, tasks
 from lorafit.errors import UserError
 from lorafit.recipe import load_recipe, set_value
@@ -29,20 +30,27 @@ def test_exact_match_on_hand_written_answers():
         "",  # nothing: wrong
     ]
     # 2 right of 6, counted by hand above.
-    assert tasks.exact_match(answers, refs) == pytest.approx(2 / 6)
-    assert tasks.exact_match(["a b"], ["a b"]) == 1.0
-    assert tasks.exact_match([], []) == 0.0
+    assert metrics.mean_score("exact", answers, refs) == pytest.approx(2 / 6)
+    assert metrics.mean_score("exact", ["a b"], ["a b"]) == 1.0
+    assert metrics.mean_score("exact", [], []) == 0.0
     with pytest.raises(ValueError):
-        tasks.exact_match(["a"], [])
+        metrics.mean_score("exact", ["a"], [])
 
 
-def test_skill_score_uses_the_prompts_references():
-    prompts = [
-        evaluate.Prompt("Reverse the order of these words: a b c", None, "c b a"),
-        evaluate.Prompt("Reverse the order of these words: d e", None, "e d"),
-    ]
-    assert evaluate.skill_score(["c b a", "d e"], prompts) == 0.5
-    assert evaluate.skill_score(["C B A", "e d"], prompts) == 1.0
+@pytest.mark.parametrize("metric, answer, reference, regex, want", [
+    ("exact", "2032-08-08", "2032-08-08", None, 1.0),
+    ("exact", "2032-08-08 2032-08-08 20", "2032-08-08", None, 0.0),  # trailing text: not exact
+    ("contains", "2032-08-08 2032-08-08 20", "2032-08-08", None, 1.0),  # ... but it contains the answer
+    ("contains", "The date is 2032-08-09.", "2032-08-08", None, 0.0),
+    ("contains", "", "2032-08-08", None, 0.0),  # an empty answer never scores
+    ("exact", "", "", None, 0.0),
+    ("regex", "so the answer is #### 42.", "six times seven #### 42", r"####\s*(-?\d+)", 1.0),  # both extracted
+    ("regex", "#### 41", "#### 42", r"####\s*(-?\d+)", 0.0),
+    ("regex", "I think it is 42", "42", r"(\d+)", 1.0),  # the reference has no ####: taken whole
+    ("regex", "no number here", "42", r"(\d+)", 0.0),  # the pattern finds nothing in the answer
+])  # fmt: skip
+def test_each_metric_on_hand_checked_answers(metric, answer, reference, regex, want):
+    assert metrics.score(metric, answer, reference, regex) == want
 
 
 def test_reverse_words_answers_are_the_reversed_prompt_words():
@@ -80,15 +88,30 @@ def test_recipe_prompts_replace_the_held_out_ones():
     assert [(p.user, p.reference) for p in got] == [("Hello?", None), ("Name a colour.", None)]
 
 
-def test_skill_prompts_only_for_synthetic_data_and_when_on():
-    assert len(evaluate.skill_prompts(_cfg("eval.skill_prompts=4"), CONVS)) == 4
-    assert evaluate.skill_prompts(_cfg("eval.skill_check=false"), CONVS) == []
-    assert evaluate.skill_prompts(_cfg("data.path=/data/guanaco"), CONVS) == []
+def test_the_metric_is_exact_on_synthetic_data_by_default_and_none_elsewhere():
+    assert evaluate.metric_of(_cfg()) == "exact"
+    assert len(evaluate.metric_prompts(_cfg("eval.metric_rows=4"), CONVS)) == 4
+    assert evaluate.metric_prompts(_cfg("eval.metric=none"), CONVS) == []
+    assert evaluate.metric_of(_cfg("data.path=/data/guanaco")) is None
+    assert evaluate.metric_of(_cfg("data.path=/data/guanaco", "eval.metric=contains")) == "contains"
+
+
+def test_a_saved_recipe_with_the_old_skill_keys_still_loads(tmp_path):
+    """recipe.yaml files of runs made before eval.metric (skill_check / skill_prompts) load in generate and merge."""
+    old = _cfg().to_dict()
+    old["eval"] = {k: v for k, v in old["eval"].items() if not k.startswith("metric")}
+    old["eval"].update(skill_check=True, skill_prompts=7, skill_max_new_tokens=9)
+    import yaml
+
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(old))
+    got = load_recipe(str(tmp_path / "recipe.yaml"))
+    assert (got.eval.metric_rows, got.eval.metric_max_new_tokens) == (7, 9)
 
 
 @pytest.mark.parametrize(
     "key,value",
-    [("eval.samples", "-1"), ("eval.batch_size", "0"), ("eval.max_new_tokens", "0"), ("eval.skill_prompts", "0")],
+    [("eval.samples", "-1"), ("eval.batch_size", "0"), ("eval.max_new_tokens", "0"), ("eval.metric_rows", "0"),
+     ("eval.metric", "bleu"), ("eval.regex", "(unclosed")],
 )
 def test_eval_config_refuses_bad_values(key, value):
     with pytest.raises(UserError, match=key):
@@ -235,22 +258,23 @@ class State:
 def test_who_generates(monkeypatch, kind, world, rank, generates, synced):
     calls = []
 
-    def fake_greedy(model, tok, ids, max_new_tokens, batch_size, device=None, synced_gpus=False, autocast_dtype=None):
+    def fake_greedy(model, tok, ids, max_new_tokens, batch_size, device=None, synced_gpus=False, autocast_dtype=None,
+                    progress=None):
         calls.append(synced_gpus)
         return ["x0 w0"] * len(ids)
 
     monkeypatch.setattr(evaluate, "greedy_answers", fake_greedy)
     writer = RecordingWriter()
     cb = evaluate.EvalCallback(
-        _cfg("eval.skill_prompts=3"), FakeLayout(kind, world, rank), FakeRenderer(), None, CONVS, writer
+        _cfg("eval.metric_rows=3"), FakeLayout(kind, world, rank), FakeRenderer(), None, CONVS, writer
     )
     cb.on_train_begin(Args(), State(), None, model=object())
     cb.on_evaluate(Args(), State(), None, model=object(), metrics={"eval_loss": 1.5})
     assert calls == ([synced, synced] if generates else [])
     if generates:
-        # The first skill prompt's reference is "x0 w0": 1 of 3 right.
-        assert ("eval/skill_exact_match", pytest.approx(1 / 3), 0) in writer.scalars
-        assert cb.summary()["skill_before"] == pytest.approx(1 / 3)
+        # The first scored prompt's reference is "x0 w0": 1 of 3 right.
+        assert (("eval/exact", pytest.approx(1 / 3), 0) in writer.scalars) == (rank == 0)
+        assert cb.summary().get("exact_before") == (pytest.approx(1 / 3) if rank == 0 else None)
         assert [t[0] for t in writer.texts] == ["eval/sample_0", "eval/sample_1", "eval/sample_2"]
 
 
@@ -267,15 +291,14 @@ def test_evaluated_at_reads_the_log_history():
 # The synthetic task with an eval split, evaluated every 2 steps with short generations: shared by the tiny runs below.
 SYNTHETIC_EVAL_SETS = [
     "data.path=synthetic:reverse-words",
-    "data.format=llama2",
     "data.eval_fraction=0.25",
     "training.eval_steps=2",
     "eval.max_new_tokens=6",
-    "eval.skill_max_new_tokens=6",
+    "eval.metric_max_new_tokens=6",
 ]
 
 
-def test_tiny_run_writes_eval_metrics_samples_and_skill(tmp_path, tiny_llama_dir, tokenizer_dir):
+def test_tiny_run_writes_eval_metrics_samples_and_the_held_out_metric(tmp_path, tiny_llama_dir, tokenizer_dir):
     """The tiny random Llama on the synthetic task: eval at start, every 2 steps and at the end; samples as text."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -297,7 +320,7 @@ def test_tiny_run_writes_eval_metrics_samples_and_skill(tmp_path, tiny_llama_dir
     # eval_on_start at 0, eval_steps=2 -> 2 and 4; the final evaluate is not repeated at step 4.
     assert [s for s, _ in scalars["eval/loss"]] == [0, 2, 4]
     assert [s for s, _ in scalars["eval/perplexity"]] == [0, 2, 4]
-    assert [s for s, _ in scalars["eval/skill_exact_match"]] == [0, 4]
+    assert [s for s, _ in scalars["eval/exact"]] == [0, 4]
     acc = EventAccumulator(str(out / "tb"), size_guidance={"tensors": 0})
     acc.Reload()
     for i in range(2):
@@ -309,8 +332,15 @@ def test_tiny_run_writes_eval_metrics_samples_and_skill(tmp_path, tiny_llama_dir
     losses = [v for _, v in scalars["eval/loss"]]
     assert s["eval_loss_final"] == pytest.approx(losses[-1]) and s["eval_loss_best"] == pytest.approx(min(losses))
     assert s["eval_loss_before"] == pytest.approx(losses[0])
-    assert 0.0 <= s["skill_before"] <= 1.0 and 0.0 <= s["skill_after"] <= 1.0
+    # eval_num_tokens: the real tokens each evaluation scored (all held-out rows), not TRL's training count
+    assert [v for _, v in scalars["eval/num_tokens"]] == [s["data"]["eval_tokens"]] * 3 and s["data"]["eval_tokens"]
+    assert s["metric"] == "exact" and 0.0 <= s["exact_before"] <= 1.0 and 0.0 <= s["exact_after"] <= 1.0
     assert len(s["samples"]) == 2 and s["samples"][0]["step"] == 4
+    for when in ("before", "after"):  # every prediction, with a score that is the metric of its answer
+        rows = [json.loads(x) for x in (out / "eval" / f"predictions-{when}.jsonl").read_text().splitlines()]
+        assert len(rows) == s["data"]["eval_rows"] and all(r["reference"] for r in rows)
+        assert all(r["score"] == metrics.score("exact", r["answer"], r["reference"]) for r in rows)
+        assert s[f"exact_{when}"] == pytest.approx(sum(r["score"] for r in rows) / len(rows))
 
 
 def test_training_after_an_evaluation_still_gets_gradients(tiny_llama_dir):
@@ -350,7 +380,7 @@ def test_training_after_an_evaluation_still_gets_gradients(tiny_llama_dir):
 
 
 @pytest.mark.distributed
-def test_samples_and_skill_under_ddp_and_zero3(tmp_path, tiny_llama_dir):
+def test_samples_and_the_metric_under_ddp_and_zero3(tmp_path, tiny_llama_dir):
     """2 CPU processes. DDP: rank 0 generates alone. ZeRO-3: every rank joins each forward (synced_gpus), else the
     sharded weights' all-gathers would hang. Both finish, log the texts, and the base model's step-0 answer is the
     same with whole and with sharded weights."""
@@ -386,11 +416,11 @@ def test_samples_and_skill_under_ddp_and_zero3(tmp_path, tiny_llama_dir):
             timeout=900,
         )
         assert r.returncode == 0, f"{kind}:\n" + r.stdout[-3000:] + r.stderr[-3000:]
-        assert [s for s, _ in read_scalars(out / "tb")["eval/skill_exact_match"]] == [0, 4]
+        assert [s for s, _ in read_scalars(out / "tb")["eval/exact"]] == [0, 4]
         acc = EventAccumulator(str(out / "tb"), size_guidance={"tensors": 0})
         acc.Reload()
         events = acc.Tensors("eval/sample_0/text_summary")
         assert [e.step for e in events] == [0, 2, 4]
         step0[kind] = events[0].tensor_proto.string_val[0].decode()
-        assert "skill_after" in read_summary(out)
+        assert "exact_after" in read_summary(out)
     assert step0["ddp"] == step0["zero3"]

@@ -95,12 +95,11 @@ def test_adapter_run_answers_like_the_model_did_at_its_last_eval(tmp_path, tiny_
     out = tmp_path / "run"
     sets = [
         "data.path=synthetic:reverse-words",
-        "data.format=llama2",
         "data.eval_fraction=0.25",
         "eval.samples=1",
         "eval.max_new_tokens=8",
         "eval.batch_size=1",
-        "eval.skill_check=false",
+        "eval.metric=none",
         "lora.dropout=0.0",
         "training.learning_rate=5e-3",
     ]

@@ -1,13 +1,15 @@
-"""Evaluation beyond the loss: greedy sample answers logged as TensorBoard text, and the synthetic task's skill check.
+"""Evaluation beyond the loss: greedy sample answers logged as TensorBoard text, and the held-out metric.
 
 The eval loss itself is HF Trainer's (`eval_strategy`, `eval_on_start`; TensorBoard tags from `lorafit.tb`). This
 module adds what the Trainer has no notion of:
 
 - sample answers: a few fixed prompts (`eval.prompts`, else the first held-out ones) answered greedily after each
   evaluation and written as text `eval/sample_<i>`, so a user watches the answers change;
-- the skill check: for `synthetic:<task>` data, exact-match accuracy (`lorafit.data.tasks.exact_match`) on held-out
-  prompts before the first step and after the last, as `eval/skill_exact_match` and summary `skill_before` /
-  `skill_after`.
+- the held-out metric (`eval.metric`: exact, contains, regex; lorafit.metrics): greedy answers to the first
+  `eval.metric_rows` held-out prompts scored against their reference answers, before the first step and after the
+  last (and at each evaluation with `eval.metric_at_eval_steps`), for any dataset: `eval/<metric>` in TensorBoard,
+  `<metric>_before` / `<metric>_after` in summary.json, and every prompt, reference, answer and score in
+  RUN/eval/predictions-before.jsonl / -after.jsonl (-step-N.jsonl). On `synthetic:<task>` data `auto` is exact.
 
 Who generates: rank 0 alone, except under ZeRO-3. There every rank holds a shard of each weight and a forward
 gathers them with collectives, so a forward on rank 0 alone would hang; every rank then generates the same prompts
@@ -18,12 +20,14 @@ Elsewhere the other ranks skip generation and wait for rank 0 at the next collec
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from transformers import TrainerCallback
 
-from lorafit.data import tasks
+from lorafit import metrics
 from lorafit.recipe import Recipe
 
 log = logging.getLogger("lorafit")
@@ -47,12 +51,19 @@ def sample_prompts(cfg: Recipe, conversations) -> list[Prompt]:
     return held_out_prompts(conversations, cfg.eval.samples)
 
 
-def skill_prompts(cfg: Recipe, conversations) -> list[Prompt]:
-    """Held-out prompts with exact answers: only `synthetic:<task>` data has them (a real dataset's answers are free
-    text, where exact match says nothing)."""
-    if not (cfg.eval.skill_check and cfg.data.path.startswith("synthetic:")):
+def metric_of(cfg: Recipe) -> str | None:
+    """The held-out metric this run scores, or None."""
+    m = cfg.eval.metric
+    if m == "auto":
+        return "exact" if cfg.data.path.startswith("synthetic:") else None
+    return None if m == "none" else m
+
+
+def metric_prompts(cfg: Recipe, conversations) -> list[Prompt]:
+    """The held-out prompts the metric scores: the first `eval.metric_rows` of the seeded split, with references."""
+    if metric_of(cfg) is None:
         return []
-    return held_out_prompts(conversations, cfg.eval.skill_prompts)
+    return [p for p in held_out_prompts(conversations, cfg.eval.metric_rows) if p.reference]
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -73,10 +84,12 @@ def greedy_answers(
     device=None,
     synced_gpus: bool = False,
     autocast_dtype=None,
+    progress=None,
 ) -> list[str]:
     """Answer each tokenized prompt greedily, in left-padded batches; the text up to the first EOS, stripped.
+    `progress(n)` is told after each batch how many prompts it answered.
 
-    Restores the model's train/eval mode. Greedy decoding makes the answers (and the skill score) a function of the
+    Restores the model's train/eval mode. Greedy decoding makes the answers (and the metric's score) a function of the
     weights alone, so two runs with equal weights log equal samples.
     """
     import torch
@@ -109,13 +122,17 @@ def greedy_answers(
             for row in out[:, width:].tolist():  # host-device sync
                 cut = next((i for i, t in enumerate(row) if t in stop), len(row))
                 answers.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+            if progress is not None:
+                progress(len(chunk))
     finally:
         model.train(was_training)
     return answers
 
 
-def skill_score(answers: list[str], prompts: list[Prompt]) -> float:
-    return tasks.exact_match(answers, [p.reference for p in prompts])
+def scored(metric: str, answers: list[str], prompts: list[Prompt], regex: str | None = None) -> list[dict]:
+    """One record per prompt: prompt, reference, answer, score (what predictions-*.jsonl holds)."""
+    return [{"prompt": p.user, "reference": p.reference, "answer": a,
+             "score": metrics.score(metric, a, p.reference or "", regex)} for p, a in zip(prompts, answers)]
 
 
 def sample_markdown(prompt: Prompt, answer: str) -> str:
@@ -131,21 +148,27 @@ def sample_markdown(prompt: Prompt, answer: str) -> str:
 
 
 class EvalCallback(TrainerCallback):
-    """Sample answers after each evaluation; the skill check at the start and the end of training."""
+    """Sample answers after each evaluation; the held-out metric at the start and the end of training (and at each
+    evaluation when asked)."""
 
-    def __init__(self, cfg: Recipe, layout, renderer, tokenizer, conversations, writer, results: dict | None = None):
+    def __init__(self, cfg: Recipe, layout, renderer, tokenizer, conversations, writer, results: dict | None = None,
+                 run_dir: str | Path | None = None):
         self.cfg = cfg.eval
         self.renderer = renderer
         self.tok = tokenizer
         self.writer = writer
         self.is_main = layout.is_main
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         # ZeRO-3: every rank must join every forward (see the module docstring).
         self.all_ranks = layout.kind == "zero3" and layout.world_size > 1
         self.samples = sample_prompts(cfg, conversations) if conversations or cfg.eval.prompts else []
-        self.skill = skill_prompts(cfg, conversations)
+        self.metric = metric_of(cfg)
+        self.scored = metric_prompts(cfg, conversations)
         # summary.json's evaluation keys; the run session's dict, kept in every checkpoint so a resumed run's summary
-        # still has skill_before and eval_loss_before
+        # still has <metric>_before and eval_loss_before
         self.results: dict = {} if results is None else results
+        if self.metric and self.scored:
+            self.results["metric"] = self.metric
 
     def _answer(self, args, model, prompts: list[Prompt], max_new_tokens: int) -> list[str] | None:
         if not prompts or not (self.is_main or self.all_ranks):
@@ -165,37 +188,44 @@ class EvalCallback(TrainerCallback):
             autocast_dtype=dtype,
         )
 
-    def _skill(self, args, state, model, key: str) -> None:
-        answers = self._answer(args, model, self.skill, self.cfg.skill_max_new_tokens)
-        if answers is None:
+    def _score(self, args, state, model, when: str) -> None:
+        """when: before | after | resumed | step-N (the predictions file's name and the summary key)."""
+        answers = self._answer(args, model, self.scored, self.cfg.metric_max_new_tokens)
+        if answers is None or not self.is_main:
             return
-        score = skill_score(answers, self.skill)
-        self.results[key] = score
-        self.writer.add_scalar("eval/skill_exact_match", score, state.global_step)
+        rows = scored(self.metric, answers, self.scored, self.cfg.regex)
+        value = sum(r["score"] for r in rows) / len(rows)
+        if when in ("before", "after"):
+            self.results[f"{self.metric}_{when}"] = value
+        self.writer.add_scalar(f"eval/{self.metric}", value, state.global_step)
         self.writer.flush()
-        if self.is_main:
-            wrong = next(
-                ((p, a) for p, a in zip(self.skill, answers) if tasks.normalize(a) != tasks.normalize(p.reference)),
-                None,
-            )
-            log.info(
-                "skill check at step %d: exact match %.3f on %d held-out prompts%s",
-                state.global_step,
-                score,
-                len(self.skill),
-                f" (e.g. {wrong[0].user!r} -> {wrong[1]!r})" if wrong else "",
-            )
+        if self.run_dir is not None:
+            folder = self.run_dir / "eval"
+            folder.mkdir(exist_ok=True)
+            with open(folder / f"predictions-{when}.jsonl", "w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps({**r, "step": state.global_step}, ensure_ascii=False) + "\n" for r in rows)
+        wrong = next((r for r in rows if not r["score"]), None)
+        log.info(
+            "%s at step %d: %.3f on %d held-out prompts%s",
+            self.metric,
+            state.global_step,
+            value,
+            len(rows),
+            f" (e.g. {wrong['prompt'][:80]!r} -> {wrong['answer'][:80]!r})" if wrong else "",
+        )
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         # A resumed run starts past step 0: its score is not the base model's, so it is logged but not `before`.
-        self._skill(args, state, model, "skill_before" if state.global_step == 0 else "skill_resumed")
+        self._score(args, state, model, "before" if state.global_step == 0 else "resumed")
 
     def on_train_end(self, args, state, control, model=None, **kw):
-        self._skill(args, state, model, "skill_after")
+        self._score(args, state, model, "after")
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kw):
         if metrics and "eval_loss" in metrics and state.global_step == 0:
             self.results["eval_loss_before"] = metrics["eval_loss"]
+        if self.cfg.metric_at_eval_steps and 0 < state.global_step < state.max_steps:
+            self._score(args, state, model, f"step-{state.global_step}")
         answers = self._answer(args, model, self.samples, self.cfg.max_new_tokens)
         if answers is None:
             return
@@ -209,7 +239,7 @@ class EvalCallback(TrainerCallback):
             log.info("sample at step %d: %r -> %r", state.global_step, self.samples[0].user[:80], answers[0][:200])
 
     def summary(self) -> dict:
-        """Extra summary.json keys: skill_before / skill_after, eval_loss_before, the last sample answers."""
+        """Extra summary.json keys: <metric>_before / _after, eval_loss_before, the last sample answers."""
         return dict(self.results)
 
 

@@ -140,6 +140,7 @@ class LorafitTrainer(SFTTrainer):
             self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
         self.data_collator = CountingCollator(self.data_collator, index_labels=self.indexed_lm_head)
         self.real_tokens_local = 0
+        self._eval_tokens = 0
         self._tokens_at_start = 0  # real tokens of the steps before a resume (lorafit_state.json)
         self._loss_carry: float | None = None  # a resumed run's loss since its last log, added at its first step
         self._last_logged_carry: int | None = None
@@ -281,20 +282,29 @@ class LorafitTrainer(SFTTrainer):
         return loss
 
     def prediction_step(self, model, inputs, *a, **kw):
-        inputs.pop(REAL_TOKENS_KEY, None)
+        self._eval_tokens += int(inputs.pop(REAL_TOKENS_KEY, 0))  # this evaluation's real tokens, counted on the host
         inputs.pop(LABEL_INDEX_KEY, None)
         return super().prediction_step(model, inputs, *a, **kw)
 
     def real_tokens_total(self) -> int:
+        return self._sum_over_ranks(self.real_tokens_local)
+
+    def _sum_over_ranks(self, count: int) -> int:
         if self.args.world_size == 1:
-            return self.real_tokens_local  # host-side already: no device tensor, no sync at each log
+            return count  # host-side already: no device tensor, no sync at each log
         import torch
 
-        t = torch.tensor([self.real_tokens_local], dtype=torch.int64, device=self.args.device)
+        t = torch.tensor([count], dtype=torch.int64, device=self.args.device)
         # Collective: sums every rank's host-side count; runs only at logging steps and at the end.
         return int(self.accelerator.reduce(t, reduction="sum").item())  # host-device sync
 
     def log(self, logs, start_time=None):
+        if "eval_loss" in logs:
+            # TRL reports as eval_num_tokens the training tokens its own loss path counted (0 on lorafit's lean
+            # path); an evaluation's figure is the real tokens it scored, summed over ranks (a collective: every rank
+            # logs each evaluation).
+            self._metrics["eval"]["num_tokens"] = [self._sum_over_ranks(self._eval_tokens)]
+            self._eval_tokens = 0
         if self.session is not None and "loss" in logs:
             logs["skipped_steps"] = self.session.guard.skipped
         if "loss" in logs and self._last_log is not None:  # a training log: real tokens/s since the previous one
@@ -341,6 +351,9 @@ def flops_per_token(total_params: int, recompute: bool) -> float:
 
 def build_trainer(cfg: Recipe, layout: Layout, args: SFTConfig, model, tokenizer, prepared,
                   callbacks) -> LorafitTrainer:
+    # The tokenizer saved with every checkpoint and the final adapter (and so with a merged export) carries the chat
+    # template of the format this run trains on: plain apply_chat_template then renders the training prompt's ids.
+    tokenizer.chat_template = prepared.renderer.chat_template
     total = model.get_nb_trainable_parameters()[1]
     extra = {}
     if cfg.training.optimizer in LORAFIT_OPTIMIZERS:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lorafit import dist
 from lorafit.data.formats import Conversation
-from lorafit.data.pipeline import DataStats, Prepared, prepare
+from lorafit.data.pipeline import DataStats, Prepared, check_truncation, prepare
 from lorafit.data.render import make_renderer
 from lorafit.recipe import DataConfig
 
@@ -153,6 +153,14 @@ def cacheable_across_runs(cfg) -> bool:
 
 
 def prepare_data(cfg: DataConfig, tokenizer, is_local_main: bool) -> Prepared:
+    """The tokenized rows (`_prepare_data`: this process's, a cache entry's or the local main process's), checked for
+    rows that lose their answers to data.max_length (lorafit.data.pipeline.check_truncation) on every path."""
+    prepared = _prepare_data(cfg, tokenizer, is_local_main)
+    check_truncation(prepared.stats, cfg, dist.is_main())
+    return prepared
+
+
+def _prepare_data(cfg: DataConfig, tokenizer, is_local_main: bool) -> Prepared:
     """Tokenize on the local main process (and cache it when there are other processes); load it elsewhere. A single
     process reuses what an earlier run tokenized (data.cache): 2.3 s for guanaco-llama2-1k on our CPU machine,
     0.01 s to load."""

@@ -33,6 +33,10 @@ class DataStats:
     dropped_fully_truncated: int = 0
     train_tokens: int = 0
     train_answer_tokens: int = 0
+    eval_tokens: int = 0  # what one evaluation scores (eval_num_tokens)
+    encoded_rows: int = 0  # train and eval rows tokenized (before any was dropped)
+    answers_cut: int = 0  # rows whose answer lost its end (its EOS) to data.max_length
+    longest_tokens: int = 0  # the longest row, before truncation
     skipped_examples: list[str] = field(default_factory=list)
 
     def summary_line(self) -> str:
@@ -58,8 +62,11 @@ def _encode_all(convs, renderer, cfg: DataConfig, stats: DataStats, count_train:
         ids, mask = enc.input_ids, enc.completion_mask
         if not cfg.completion_only:
             mask = [1] * len(ids)
+        stats.encoded_rows += 1
+        stats.longest_tokens = max(stats.longest_tokens, len(ids))
         if len(ids) > cfg.max_length:  # also when packing: TRL's bfd would cut it silently
             stats.truncated_rows += 1
+            stats.answers_cut += any(mask[cfg.max_length:])  # an answer token (its EOS at least) is cut off
             ids, mask = ids[: cfg.max_length], mask[: cfg.max_length]
             if not any(mask):
                 stats.dropped_fully_truncated += 1  # the prompt alone fills max_length: nothing left to learn
@@ -69,6 +76,8 @@ def _encode_all(convs, renderer, cfg: DataConfig, stats: DataStats, count_train:
         if count_train:
             stats.train_tokens += len(ids)
             stats.train_answer_tokens += sum(mask)
+        else:
+            stats.eval_tokens += len(ids)
     return {"input_ids": ids_col, "completion_mask": mask_col}
 
 
@@ -142,3 +151,21 @@ def prepare(cfg: DataConfig, tokenizer) -> Prepared:
         renderer=renderer,
         stats=stats,
     )
+
+
+def check_truncation(stats: DataStats, cfg: DataConfig, is_main: bool = True) -> None:
+    """Refuse rows that would all lose the end of their answer (the model would never see an answer end, and never
+    learn to stop); warn, with the numbers and the max_length that would fit, when many rows are cut or any answer.
+    Every rank calls it (the same stats: the same verdict); rank 0 warns."""
+    n = stats.encoded_rows
+    if not n or not stats.truncated_rows:
+        return
+    fits = -(-stats.longest_tokens // 64) * 64  # rounded up to a multiple of 64
+    if stats.answers_cut == n and not cfg.allow_truncated_answers:
+        raise UserError(f"every one of the {n:,} rows is longer than data.max_length={cfg.max_length} and loses the "
+                        f"end of its answer (the longest has {stats.longest_tokens:,} tokens), so the model would never "
+                        f"learn to stop; set data.max_length={fits} to fit them, or data.allow_truncated_answers=true")
+    if is_main and (stats.truncated_rows > cfg.truncation_warning * n or stats.answers_cut):
+        log.warning("data: %s of %s rows are longer than data.max_length=%d (the longest has %s tokens) and %s lose "
+                    "the end of their answer; data.max_length=%d would fit every row", f"{stats.truncated_rows:,}",
+                    f"{n:,}", cfg.max_length, f"{stats.longest_tokens:,}", f"{stats.answers_cut:,}", fits)

@@ -40,6 +40,43 @@ def _split(tokenizer, prompt: str, full: str) -> tuple[list[int], list[int]]:
     return p, _ids(tokenizer, full[len(prompt):])
 
 
+# The Llama-2 chat format as a Jinja chat template, rendering what Llama2Renderer encodes: saved with the run's
+# tokenizer (adapter folder, checkpoints, merged export), so `tokenizer.apply_chat_template(messages,
+# add_generation_prompt=True)` gives the token ids the run trained on. {sep} is what follows BOS: a SentencePiece
+# tokenizer (Llama-2's) adds a word-start space to "[INST]" encoded on its own, as the renderer (and Meta's reference
+# code) encodes it, but not after a special token in one string, so its template needs the space written out; a
+# byte-level BPE tokenizer adds none.
+_LLAMA2_TEMPLATE = (
+    "{{%- set ns = namespace(system=none, first=true) -%}}"
+    "{{%- for m in messages -%}}"
+    "{{%- if m['role'] == 'system' -%}}{{%- set ns.system = m['content'] -%}}"
+    "{{%- elif m['role'] == 'user' -%}}"
+    "{{%- set content = m['content'] -%}}"
+    "{{%- if ns.system and ns.first -%}}"
+    "{{%- set content = '<<SYS>>\\n' ~ ns.system ~ '\\n<</SYS>>\\n\\n' ~ content -%}}{{%- endif -%}}"
+    "{{%- set ns.first = false -%}}"
+    "{{{{- bos_token ~ '{sep}[INST] ' ~ (content | trim) ~ ' [/INST]' -}}}}"
+    "{{%- elif m['role'] == 'assistant' -%}}"
+    "{{{{- ' ' ~ (m['content'] | trim) ~ eos_token -}}}}"
+    "{{%- endif -%}}"
+    "{{%- endfor -%}}"
+)
+
+
+def llama2_chat_template(tokenizer) -> str:
+    """The Llama-2 template whose rendering this tokenizer encodes to Llama2Renderer's ids (module note above)."""
+    probe = Llama2Renderer(tokenizer)
+    want = probe.prompt_ids("Hello there", "Be brief.")
+    for sep in ("", " "):
+        template = _LLAMA2_TEMPLATE.format(sep=sep)
+        got = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                             {"role": "user", "content": "Hello there"}],
+                                            chat_template=template, tokenize=True, add_generation_prompt=True)
+        if list(got["input_ids"] if hasattr(got, "keys") else got) == want:
+            return template
+    return _LLAMA2_TEMPLATE.format(sep="")  # the text is still Llama-2's format, if not the exact ids
+
+
 class Llama2Renderer:
     """`<s>[INST] {user} [/INST] {answer} </s>` per turn, with the tokenizer's own BOS and EOS ids.
 
@@ -83,6 +120,11 @@ class Llama2Renderer:
         """What generation feeds the model for a one-turn prompt."""
         return self.bos + _ids(self.tok, self.prompt_text(user, system, True))
 
+    @property
+    def chat_template(self) -> str:
+        """The Jinja chat template that renders this format for this tokenizer (saved with the run)."""
+        return llama2_chat_template(self.tok)
+
 
 class TemplateRenderer:
     """The tokenizer's chat template; the answer of turn k is what the template adds after the generation prompt."""
@@ -92,6 +134,7 @@ class TemplateRenderer:
     def __init__(self, tokenizer):
         self.tok = tokenizer
         self.eos = tokenizer.eos_token_id
+        self.chat_template = tokenizer.chat_template  # what the run trains with, saved with it
 
     def _apply(self, msgs, gen: bool) -> list[int]:
         out = self.tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)

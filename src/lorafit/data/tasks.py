@@ -2,7 +2,8 @@
 
 The quickstart teaches SmolLM2-135M-Instruct a skill it does not have and that is checked by exact match:
 `reverse-words` — "Reverse the order of these words: lamp river stone" -> "stone river lamp". The base model
-rambles or reorders wrongly; a few hundred QLoRA steps on CPU teach it the exact output.
+rambles or reorders wrongly; a few dozen QLoRA steps on CPU teach it the exact output (eval.metric=exact, which
+`auto` picks for synthetic data).
 """
 
 from __future__ import annotations
@@ -47,17 +48,3 @@ def generate(task: str, rows: int, seed: int) -> list[Example]:
             if len(out) == rows:
                 break
     return out
-
-
-def normalize(text: str) -> str:
-    """Exact match ignores surrounding white space and case, nothing else."""
-    return " ".join(text.split()).lower()
-
-
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Fraction of predictions equal to their reference after `normalize`."""
-    if len(predictions) != len(references):
-        raise ValueError("predictions and references differ in length")
-    if not references:
-        return 0.0
-    return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references)) / len(references)

@@ -171,6 +171,12 @@ def apply_overrides(cfg: Recipe, overrides: Iterable[str]) -> Recipe:
     return cfg
 
 
+# Keys of earlier lorafit versions that a saved recipe.yaml may hold: old name -> new name (None: dropped). A run
+# folder written before a rename still loads in generate.py, merge.py and --resume.
+RENAMED = {"eval.skill_prompts": "eval.metric_rows", "eval.skill_max_new_tokens": "eval.metric_max_new_tokens",
+           "eval.skill_check": None}
+
+
 def from_dict(data: dict, source: str) -> Recipe:
     """Build a recipe from nested plain values (a saved recipe.yaml), checking every key and type."""
     cfg = Recipe()
@@ -183,12 +189,14 @@ def from_dict(data: dict, source: str) -> Recipe:
             dotted = f"{prefix}{k}"
             if isinstance(v, dict):
                 walk(v, dotted + ".")
+            elif dotted in RENAMED:
+                if RENAMED[dotted]:
+                    cfg = set_value(cfg, RENAMED[dotted], v)
             else:
                 cfg = set_value(cfg, dotted, v)
 
     walk(data, "")
     return cfg
-
 
 
 def describe_fields(cls=Recipe, prefix: str = "") -> list[tuple[str, str, Any, str]]:

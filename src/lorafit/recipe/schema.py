@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -153,9 +154,18 @@ class DataConfig:
     max_rows: int | None = f(None, "Read at most this many rows (unset: all).")
     synthetic_rows: int = f(2000, "Rows generated for 'synthetic:<task>' data.")
     seed: int = f(42, "Seed of the eval split and of synthetic data.")
+    truncation_warning: float = f(
+        0.05, "Warn, with the numbers and the data.max_length that would fit, when more than this share of rows is "
+        "longer than data.max_length, or when any row's answer loses its end (its EOS: the model would not learn to "
+        "stop).")
+    allow_truncated_answers: bool = f(
+        False, "Train even when every row's answer is cut by data.max_length (refused otherwise: nothing would teach "
+        "the model to stop).")
 
     def __post_init__(self):
         _finite(self, "data")
+        _check(0.0 <= self.truncation_warning <= 1.0, "data.truncation_warning", self.truncation_warning,
+               "must be in [0, 1]")
         _check(bool(self.path.strip()), "data.path", self.path, "must name a dataset")
         _check(self.max_length >= 16, "data.max_length", self.max_length, "must be at least 16 tokens")
         _check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
@@ -242,16 +252,28 @@ class EvalConfig:
                            "the first `samples` held-out prompts.")
     samples: int = f(3, "How many held-out prompts to answer when `prompts` is empty (0: no samples).")
     max_new_tokens: int = f(128, "Longest sample answer, in tokens.")
-    skill_check: bool = f(True, "For synthetic:<task> data: exact-match accuracy on held-out prompts before and "
-                          "after training (eval/skill_exact_match, summary skill_before/skill_after).")
-    skill_prompts: int = f(50, "Held-out prompts scored by the skill check.")
-    skill_max_new_tokens: int = f(16, "Longest skill-check answer, in tokens (a longer one is wrong anyway).")
+    metric: Literal["auto", "none", "exact", "contains", "regex"] = f(
+        "auto", "Score greedy answers to held-out prompts against their reference answers, before training and after: "
+        "exact (equal, ignoring white space and case), contains (the reference appears in the answer), regex "
+        "(eval.regex finds the same answer in both), none; auto = exact for synthetic:<task> data, else none. "
+        "eval/<metric> in TensorBoard, <metric>_before / _after in summary.json, every answer in "
+        "RUN/eval/predictions-*.jsonl (lorafit.metrics).")
+    regex: str | None = f(None, "For metric=regex: the pattern that finds the answer (its first group, or the whole "
+                          "match), e.g. '####\\s*(-?\\d+)'.")
+    metric_rows: int = f(50, "Held-out prompts the metric scores (the first ones of the seeded held-out split).")
+    metric_max_new_tokens: int = f(32, "Longest scored answer, in tokens (generation stops at EOS).")
+    metric_at_eval_steps: bool = f(False, "Also score at every evaluation during training, not only before and after.")
     batch_size: int = f(16, "Prompts generated together (greedy, left-padded).")
 
     def __post_init__(self):
         _check(self.samples >= 0, "eval.samples", self.samples, "must be >= 0")
-        for key in ("max_new_tokens", "skill_prompts", "skill_max_new_tokens", "batch_size"):
+        for key in ("max_new_tokens", "metric_rows", "metric_max_new_tokens", "batch_size"):
             _check(getattr(self, key) > 0, f"eval.{key}", getattr(self, key), "must be positive")
+        if self.regex:
+            try:
+                re.compile(self.regex)
+            except re.error as e:
+                raise UserError(f"recipe key 'eval.regex' = {self.regex!r}: not a regular expression ({e})") from None
         _check(all(p.strip() for p in self.prompts), "eval.prompts", self.prompts, "must not hold empty prompts")
 
 
@@ -294,7 +316,7 @@ class Recipe:
     logging: LoggingConfig = f(LoggingConfig, "Console and TensorBoard.")
     output: OutputConfig = f(OutputConfig, "Where the run is written.")
     checkpoint: CheckpointConfig = f(CheckpointConfig, "Periodic checkpoints, retention and the non-finite step policy.")
-    eval: EvalConfig = f(EvalConfig, "Evaluation: sample answers and the skill check.")
+    eval: EvalConfig = f(EvalConfig, "Evaluation: sample answers and the held-out metric.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -314,6 +336,9 @@ class Recipe:
             raise UserError("quantization.keep_dequantized=true keeps 16-bit weights as activations, which gradient "
                             "checkpointing would recompute and activation offloading would copy to the host; set it "
                             "to false, or turn both off")
+        if self.eval.metric == "regex" and not self.eval.regex:
+            raise UserError("eval.metric=regex needs eval.regex, the pattern that finds the answer (its first group), "
+                            "e.g. --set 'eval.regex=####\\s*(-?\\d+)'")
         if q.dequant_kernel == "triton":
             if not lora.fused:
                 raise UserError("quantization.dequant_kernel=triton is the fused layers' kernel; set lora.fused=true, "
