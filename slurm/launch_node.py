@@ -7,7 +7,7 @@ srun task per node; everything after the script name goes to src/train.py untouc
         LORAFIT_PROCS_PER_NODE=8 python slurm/launch_node.py --print-command --recipe llama2_guanaco
 
 Inputs (qlora.sbatch exports them; see `bash slurm/qlora.sbatch --help`): SLURM_NNODES and SLURM_NODEID (the machine
-rank, read here inside the srun task: on the batch host it is always 0), LORAFIT_LAUNCH (ddp, zero2, zero3, cpu),
+rank, read here inside the srun task: on the batch host it is always 0), LORAFIT_LAUNCH (ddp, zero2, zero3, fsdp2, cpu),
 LORAFIT_PROCS_PER_NODE, LORAFIT_MAIN_HOST (the first host of the allocation), LORAFIT_PORT, and optionally
 LORAFIT_STATUS_FILE.
 
@@ -37,7 +37,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 EXIT_STOPPED_TO_RESUME = 75  # lorafit.errors.EXIT_STOPPED_TO_RESUME; this helper runs before lorafit is importable
-CONFIGS = {"ddp": "ddp.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml", "cpu": "cpu_ddp.yaml"}
+CONFIGS = {"ddp": "ddp.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml", "fsdp2": "fsdp2.yaml",
+           "cpu": "cpu_ddp.yaml"}
 
 
 class LaunchError(Exception):

@@ -1,13 +1,15 @@
-"""Several processes: DDP, ZeRO-2 and ZeRO-3 train the tiny 4-bit Llama through the real CLI and the shipped launch
-configs (2 CPU processes over gloo, real bitsandbytes NF4), agree with one process at twice the batch, and save
-complete adapters; a user's mistake stops every rank with exit code 2; inputs are prepared once and shared.
+"""Several processes: DDP, ZeRO-2, ZeRO-3 and FSDP2 train the tiny 4-bit Llama through the real CLI and the shipped
+launch configs (2 CPU processes over gloo, real bitsandbytes NF4), agree with one process at twice the batch, and save
+complete adapters; FSDP2 shards the 4-bit base byte for byte; a user's mistake stops every rank with exit code 2;
+inputs are prepared once and shared.
 
     pytest -m distributed tests/test_distributed.py      # about 3-4 minutes on 2 CPU cores (+1 min for DeepSpeed's
                                                          # one-time C++ build of its CPU comm op on a fresh machine)
     pytest tests/test_distributed.py                     # the fast tier only: the prepared-data cache
 
 DeepSpeed runs on CPU with DS_ACCELERATOR=cpu through the same command a GPU user types, plus
-`--num_processes 2 --mixed_precision no` (see docs/distributed.md); DDP uses launch/ddp.yaml with ACCELERATE_USE_CPU=1.
+`--num_processes 2 --mixed_precision no` (see docs/distributed.md); DDP uses launch/ddp.yaml with ACCELERATE_USE_CPU=1;
+FSDP2 launch/fsdp2.yaml as it is (FSDP2's fully_shard runs on CPU over gloo).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ LAYOUTS = {  # layout -> (launch config, extra environment)
     "ddp": ("ddp.yaml", {"ACCELERATE_USE_CPU": "1"}),
     "zero2": ("zero2.yaml", {"DS_ACCELERATOR": "cpu"}),
     "zero3": ("zero3.yaml", {"DS_ACCELERATOR": "cpu"}),
+    "fsdp2": ("fsdp2.yaml", {}),
 }
 STEPS, PER_DEVICE = 4, 2
 
@@ -196,6 +199,85 @@ def test_zero3_holds_half_of_the_parameters_on_each_rank(runs):
     # DeepSpeed pads each parameter to a multiple of the world size: a few bytes over exactly half
     for shard in zero3["param_bytes_per_rank"]:
         assert full / 2 <= shard < full / 2 + 1024, (shard, full)
+
+
+@distributed
+def test_fsdp2_holds_half_of_the_4bit_base_on_each_rank(runs):
+    """DDP holds every parameter on each rank; FSDP2 about half of each, the packed 4-bit weights included, plus
+    half of their absmax scales, which lorafit.shard adds as a parameter of bytes: 2 layers x 36,864 NF4 weights
+    (q 64x64, k and v 64x32, o 64x64, gate and up 64x128, down 128x64) / 64 per block x 4 bytes = 4,608 bytes."""
+    ddp, fsdp2 = read_summary(runs["ddp"]), read_summary(runs["fsdp2"])
+    full = ddp["param_bytes_per_rank"][0]
+    absmax = 2 * 36_864 // 64 * 4
+    for shard in fsdp2["param_bytes_per_rank"]:
+        # FSDP2 pads each parameter's first dimension to a multiple of the world size: a few rows at most
+        assert abs(shard - (full + absmax) / 2) < 2048, (shard, full)
+    assert read_summary(runs["fsdp2"])["layout"] == "fsdp2"
+
+
+FSDP2_SCRIPT = r"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from peft import LoraConfig, get_peft_model
+import bitsandbytes as bnb
+from lorafit import shard
+
+dist.init_process_group("gloo")
+q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                       bnb_4bit_use_double_quant=sys.argv[3] == "double")
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=q, dtype=torch.float32,
+                                         device_map={"": "cpu"})
+for mod in m.modules():
+    if hasattr(mod, "support_avx512bf16_for_cpu"):
+        mod.support_avx512bf16_for_cpu = False
+torch.manual_seed(0)
+m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+with torch.no_grad():
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            p.normal_(0, 0.05)  # a LoRA update far from zero
+ids = torch.tensor([[1, 5, 9, 13, 27, 3, 8, 2, 40, 41]])
+m.eval()
+with torch.no_grad():
+    whole = m(input_ids=ids).logits
+before = {name: (mod.weight.data.clone(), mod.weight.quant_state.absmax.clone())
+          for name, mod in m.named_modules() if isinstance(mod, bnb.nn.Linear4bit)}
+n = shard.shard_4bit_linears(m)
+for layer in m.base_model.model.model.layers:
+    fully_shard(layer)
+fully_shard(m)
+with torch.no_grad():
+    sharded = m(input_ids=ids).logits
+mods = dict(m.named_modules())
+for name, (w, absmax) in before.items():
+    mod = mods[name]
+    assert mod.weight.to_local().numel() < w.numel(), name  # this rank holds a part
+    assert torch.equal(mod.weight.full_tensor(), w), name  # gathered back: the same bytes
+    assert torch.equal(getattr(mod, shard.ABSMAX).full_tensor().view(absmax.dtype), absmax), name
+with open(f"{sys.argv[4]}/rank{dist.get_rank()}.txt", "w") as fh:  # a file each: printed lines would interleave
+    fh.write(f"{dist.get_rank()} {n} {(sharded - whole).abs().max().item()}")
+dist.destroy_process_group()
+"""
+
+
+@distributed
+@pytest.mark.parametrize("quant", ["nf4", "double"])
+def test_fsdp2_sharded_4bit_model_gives_the_unsharded_logits(tmp_path, tiny_llama_dir, quant):
+    """The test that would catch accelerate#3983 (a silently wrong loss) and bitsandbytes#1945 (bytes changed,
+    quantization state dropped): each rank holds part of every 4-bit weight and its scales; gathered, they are the
+    original bytes; and the sharded model's logits equal the unsharded model's. Tolerance 0: FSDP2's all-gathers
+    move bytes, the forward runs the same kernels on the same values, so not one bit may differ."""
+    script = tmp_path / "fsdp2_logits.py"
+    script.write_text(FSDP2_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                        str(tiny_llama_dir), str(REPO / "src"), quant, str(tmp_path)], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = sorted((tmp_path / f"rank{i}.txt").read_text().split() for i in range(2))
+    assert [(rank, n) for rank, n, _ in results] == [("0", "14"), ("1", "14")]  # 2 layers x 7 linears each
+    assert all(float(diff) == 0.0 for _, _, diff in results), results
 
 
 @distributed

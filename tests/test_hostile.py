@@ -338,15 +338,19 @@ def test_a_full_disk_during_a_save_is_one_line_and_a_failed_status(tmp_path, tin
 def test_an_interrupt_leaves_a_terminal_status(tmp_path, tiny_llama_dir, guanaco_dir):
     """Ctrl-C (SIGINT) mid-training: status.json says failed with exit code 130, not running."""
     out = tmp_path / "run"
-    args = ["--recipe", "llama2_guanaco", *tiny_overrides(tiny_llama_dir, guanaco_dir, out, steps=200)]
+    # far more steps than the run can make before the signal, however fast the machine and short the rows
+    args = ["--recipe", "llama2_guanaco", *tiny_overrides(tiny_llama_dir, guanaco_dir, out, steps=100_000)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     p = subprocess.Popen([sys.executable, str(REPO / "src" / "train.py"), *args], cwd=REPO, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in p.stdout:
-        if "step 3/200" in line:
+        if "step 3/100000" in line:
             p.send_signal(signal.SIGINT)
             break
-    p.communicate(timeout=120)
+    try:
+        p.communicate(timeout=120)
+    finally:
+        p.kill()
     assert p.returncode == 130
     st = run_status.read_status(out)
     assert (st["state"], st["exit_code"]) == ("failed", 130)

@@ -177,7 +177,8 @@ REFUSALS = {
     "fsdp": (
         dict(ACCELERATE_USE_FSDP="true"),
         (),
-        "FSDP is not a lorafit layout; for sharded 4-bit training use launch/zero3.yaml",
+        "FSDP version 1 is not a lorafit layout (its flat parameters need one dtype for the packed 4-bit weights "
+        "and the rest); use launch/fsdp2.yaml (FSDP2), or launch/zero3.yaml",
     ),
     "zero1": (
         dict(**DS, ACCELERATE_DEEPSPEED_ZERO_STAGE="1"),
@@ -306,7 +307,7 @@ def launch_env(config: Path, num_processes: int | None = 2) -> dict:
         if args.use_deepspeed:
             args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
             env = prepare_deepspeed_cmd_env(args)[1]
-        elif args.multi_gpu:
+        elif args.multi_gpu or args.use_fsdp:
             env = prepare_multi_gpu_env(args)
         else:
             from accelerate.utils.launch import prepare_simple_launcher_cmd_env
@@ -323,6 +324,7 @@ EXPECTED = {  # config -> (layout on 2 GPUs, mixed precision, ZeRO stage)
     "zero3.yaml": ("zero3", "bf16", 3),
     "zero3_offload.yaml": ("zero3", "bf16", 3),
     "cpu_ddp.yaml": ("ddp", "no", None),
+    "fsdp2.yaml": ("fsdp2", "bf16", None),
 }
 
 
@@ -359,7 +361,7 @@ def test_launch_config_gives_the_intended_layout(name, monkeypatch):
         assert env["CUDA_VISIBLE_DEVICES"] == "0"
 
 
-@pytest.mark.parametrize("name", ["ddp.yaml", "zero2.yaml", "zero3.yaml", "zero3_offload.yaml"])
+@pytest.mark.parametrize("name", ["ddp.yaml", "zero2.yaml", "zero3.yaml", "zero3_offload.yaml", "fsdp2.yaml"])
 def test_gpu_launch_configs_default_to_one_process_per_visible_gpu(name):
     # torchrun resolves `--nproc-per-node gpu` to torch.cuda.device_count(); --num_processes still overrides it
     assert launch_env(LAUNCH / name, num_processes=None)["NPROC_PER_NODE"] == "gpu"
@@ -386,3 +388,33 @@ def test_one_cpu_process_uses_the_machine_cores_despite_accelerates_omp_1():
     assert layout.decide(cfg, env={"OMP_NUM_THREADS": "3"}, cuda_available=False).cpu_threads is None  # user's
     two = layout.decide(cfg, env={**dist_env(2, 0, 0), "OMP_NUM_THREADS": "1"}, cuda_available=False)
     assert two.cpu_threads is None  # several processes share the cores
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FSDP2
+
+FSDP2_ENV = dict(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", ACCELERATE_MIXED_PRECISION="bf16")
+
+
+def test_fsdp2_shards_the_4bit_base_as_bytes_with_no_device_map():
+    lay = gpu(guanaco(), dist_env(2, 1, 1, **FSDP2_ENV), gpus=2)
+    assert (lay.kind, lay.device, lay.device_map, lay.quant_storage) == ("fsdp2", "cuda:1", None, "uint8")
+    assert lay.gradient_checkpointing and lay.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert lay.indexed_lm_head and any("sharded as bytes" in n for n in lay.notes)
+    fast = gpu(load_recipe("llama2_guanaco_fast"), dist_env(2, 0, 0, **FSDP2_ENV), gpus=2)
+    assert fast.fused_4bit  # the fused layers read the gathered weight and scales like bitsandbytes' own
+    one = gpu(guanaco(), {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, gpus=1)  # one GPU: a smoke run
+    assert (one.kind, one.world_size) == ("fsdp2", 1)
+
+
+@pytest.mark.parametrize("env, sets, message", [
+    (dict(FSDP_VERSION="1"), (), "FSDP version 1 is not a lorafit layout"),
+    ({}, ("quantization.quant_storage=bfloat16",), "lorafit shards the packed 4-bit weights as bytes"),
+    (dict(FSDP_CPU_RAM_EFFICIENT_LOADING="true"), (), "set it to false"),
+    (dict(FSDP_OFFLOAD_PARAMS="true"), (), "use launch/zero3_offload.yaml"),
+    (dict(FSDP_ACTIVATION_CHECKPOINTING="true"), (), "use training.gradient_checkpointing"),
+    (dict(ACCELERATE_USE_CPU="1"), (), "an FSDP launch config cannot run on accelerate's CPU path"),
+])  # fmt: skip
+def test_fsdp_refusals_say_what_to_use_instead(env, sets, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        gpu(guanaco(*sets), dist_env(2, 0, 0, **{**FSDP2_ENV, **env}), gpus=2)

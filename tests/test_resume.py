@@ -301,3 +301,31 @@ def test_two_process_stop_and_resume_is_bit_exact(
     assert_same_training(straight_ddp, out)
     assert read_summary(out)["optimizer_steps_per_rank"] == [STEPS - 1, STEPS - 1]
     assert os.environ.get("LORAFIT_TEST_SIGNAL_AT") is None  # the hooks never leak into this process
+
+
+@pytest.mark.distributed
+def test_fsdp2_stop_and_resume_is_bit_exact_and_its_adapter_loads_in_peft(tmp_path, tiny_llama_dir, guanaco_dir):
+    """FSDP2 (launch/fsdp2.yaml, 2 CPU processes over gloo): SIGUSR1 stops with a committed checkpoint and exit 75,
+    the resume ends bit-identical to the uninterrupted run, and the saved adapter is one process's format, loadable
+    by plain PEFT onto the base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    launcher = [accelerate, "launch", "--config_file", str(REPO / "launch" / "fsdp2.yaml"), "--num_processes", "2",
+                "--mixed_precision", "no"]
+    env = {"OMP_NUM_THREADS": "1"}
+    ref, out = tmp_path / "straight", tmp_path / "run"
+    assert train(tiny_llama_dir, guanaco_dir, ref, env=env, launcher=launcher).returncode == 0
+    r = train(tiny_llama_dir, guanaco_dir, out, env={**env, "LORAFIT_TEST_SIGNAL_AT": "0:3"}, launcher=launcher)
+    assert r.returncode != 0 and "exitcode: 75" in out_of(r).replace("exitcode  : ", "exitcode: "), out_of(r)
+    assert run_status.read_status(out)["state"] == "stopped_to_resume"
+    assert [s for s, _ in ck.committed(out)] == [2, 3]
+    r = train(tiny_llama_dir, guanaco_dir, out, env=env, launcher=launcher)
+    assert r.returncode == 0, out_of(r)
+    assert read_summary(out)["layout"] == "fsdp2"
+    assert_same_training(ref, out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    net = PeftModel.from_pretrained(base, str(out))  # plain PEFT, no lorafit
+    assert sum(p.abs().sum().item() for n, p in net.named_parameters() if "lora_B" in n) > 0

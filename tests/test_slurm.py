@@ -115,6 +115,15 @@ def test_each_node_gets_its_machine_rank_and_the_same_rendezvous():
     assert "--rdzv_backend" not in one and "--num_processes 8 " in one and "launch/ddp.yaml" in one
 
 
+def test_fsdp2_nodes_get_the_fsdp2_config_and_one_rendezvous():
+    cmds = [node_command(n, 2, "fsdp2", "--recipe", "llama2_guanaco") for n in (0, 1)]
+    for n, cmd in enumerate(cmds):
+        for part in (f"--machine_rank {n} ", "--num_machines 2 ", "--num_processes 16 ", "--rdzv_backend c10d ",
+                     f"--config_file {REPO}/launch/fsdp2.yaml "):
+            assert part in cmd, (part, cmd)
+    assert cmds[0].replace("--machine_rank 0", "--machine_rank 1") == cmds[1]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Against a real Slurm
 
@@ -265,7 +274,7 @@ def test_a_real_failure_ends_the_job_without_requeue(cluster, tmp_path, tiny_lla
     assert "requeueing job" not in log and not (tmp_path / "bad-run").exists()
     info = bad_var.wait()
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", info
-    assert bad_var.text() == "qlora.sbatch: error: LAUNCH=zero4 is not one of ddp, zero2, zero3, cpu\n"  # no srun
+    assert bad_var.text() == "qlora.sbatch: error: LAUNCH=zero4 is not one of ddp, zero2, zero3, fsdp2, cpu\n"  # no srun
 
 
 def wait_for_listener(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:

@@ -178,6 +178,15 @@ def main_first(fn: Callable[[], T], is_local_main: bool) -> T:
 # Per-rank memory
 
 
+def local_part(p):
+    """The part of a parameter this rank holds: ZeRO-3's shard (p itself is empty between uses), FSDP2's local shard
+    of a DTensor, or the whole parameter."""
+    t = getattr(p, "ds_tensor", None)
+    if t is not None:
+        return t
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 def memory_per_rank(model) -> dict:
     """Bytes of parameters each rank holds (ZeRO-3: its shards) and each rank's peak CUDA memory, as lists by rank.
 
@@ -187,8 +196,7 @@ def memory_per_rank(model) -> dict:
 
     held = 0
     for p in model.parameters():
-        t = getattr(p, "ds_tensor", None)  # ZeRO-3 keeps this rank's shard here; p itself is empty between uses
-        t = p if t is None else t
+        t = local_part(p)
         held += t.numel() * t.element_size()
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     ranks = gather_objects({"param_bytes": held, "peak_cuda_bytes": peak})  # collective: a small dict per rank

@@ -11,7 +11,7 @@ module adds what the Trainer has no notion of:
   `<metric>_before` / `<metric>_after` in summary.json, and every prompt, reference, answer and score in
   RUN/eval/predictions-before.jsonl / -after.jsonl (-step-N.jsonl). On `synthetic:<task>` data `auto` is exact.
 
-Who generates: rank 0 alone, except under ZeRO-3. There every rank holds a shard of each weight and a forward
+Who generates: rank 0 alone, except under ZeRO-3 and FSDP2. There every rank holds a shard of each weight and a forward
 gathers them with collectives, so a forward on rank 0 alone would hang; every rank then generates the same prompts
 with `synced_gpus=True` (a rank whose sequences finished keeps joining the others' forwards) and only rank 0 writes.
 Elsewhere the other ranks skip generation and wait for rank 0 at the next collective of the training loop.
@@ -159,8 +159,8 @@ class EvalCallback(TrainerCallback):
         self.writer = writer
         self.is_main = layout.is_main
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        # ZeRO-3: every rank must join every forward (see the module docstring).
-        self.all_ranks = layout.kind == "zero3" and layout.world_size > 1
+        # ZeRO-3 and FSDP2: every rank must join every forward (see the module docstring).
+        self.all_ranks = layout.kind in ("zero3", "fsdp2") and layout.world_size > 1
         self.samples = sample_prompts(cfg, conversations) if conversations or cfg.eval.prompts else []
         self.metric = metric_of(cfg)
         self.scored = metric_prompts(cfg, conversations)

@@ -11,6 +11,7 @@ so the policy is a pure function, unit-tested for every layout on CPU (tests/tes
 | ddp     | {"": local_process_index}   | uint8               | non-reentrant          |
 | zero2   | {"": local_process_index}   | uint8               | non-reentrant          |
 | zero3   | none (ZeRO-3 shards it)     | = compute dtype     | reentrant              |
+| fsdp2   | none (FSDP2 shards it)      | uint8, sharded as bytes (lorafit.shard) | non-reentrant |
 
 Why:
 - The local index, not the global rank: on node 2 of 2, rank 9 owns GPU 1. Never device_map="auto" with several
@@ -23,6 +24,12 @@ Why:
   on CPU: "shape '[64, 32]' is invalid for input of size 1024"); stored in the compute dtype they are left alone and
   are sharded like every other parameter, which is the configuration PEFT documents for QLoRA + ZeRO-3. The same cast
   puts LoRA weights and norms in the compute dtype. ZeRO-2 does not partition parameters: uint8 storage is kept.
+- FSDP2 (launch/fsdp2.yaml): each 4-bit linear becomes an FSDP2 unit of its own whose packed weight and absmax
+  scales are sharded as bytes (lorafit.shard), accelerate wraps each decoder layer and the rest; no device_map (each
+  process quantizes its copy onto its GPU, then keeps 1/N). Refused: FSDP1, a non-uint8 4-bit storage (FSDP2's
+  copies can corrupt bf16-stored packed bytes, bitsandbytes#1945), accelerate's cpu_ram_efficient_loading (it rebuilds
+  parameters from rank 0's state dict), parameter offload, and FSDP's own activation checkpointing (the recipe's
+  non-reentrant checkpointing works with FSDP2).
 - DDP: non-reentrant checkpointing. Reentrant checkpointing re-runs backward hooks, which DDP rejects as soon as it
   looks for unused parameters ("Expected to mark a variable ready only once", reproduced on CPU);
   find_unused_parameters=False is right anyway because every LoRA weight is used at every step, and it saves a
@@ -78,7 +85,7 @@ _PRECISION_OF = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 
 @dataclass
 class Layout:
-    kind: str  # cpu | single | ddp | zero2 | zero3
+    kind: str  # cpu | single | ddp | zero2 | zero3 | fsdp2
     world_size: int
     rank: int
     local_rank: int
@@ -152,7 +159,7 @@ class _Launch:
     on_cpu: bool
     ds: dict | None
     stage: int | None
-    kind: str  # cpu | single | ddp | zero2 | zero3
+    kind: str  # cpu | single | ddp | zero2 | zero3 | fsdp2
     gpu_count: int
 
 
@@ -222,11 +229,9 @@ def _launch(cfg: Recipe, env: Mapping[str, str], cuda_available: bool, gpu_count
     rank = int(env.get("RANK", "0"))
     local = int(env.get("LOCAL_RANK", "0"))
     t = cfg.training
-    if _truthy(env.get("ACCELERATE_USE_FSDP")):
-        raise UserError(
-            "FSDP is not a lorafit layout; for sharded 4-bit training use launch/zero3.yaml "
-            "(accelerate launch --config_file launch/zero3.yaml src/train.py ...)"
-        )
+    fsdp = _truthy(env.get("ACCELERATE_USE_FSDP"))
+    if fsdp:
+        _check_fsdp(env)
     if t.device == "cuda" and not cuda_available:
         raise UserError("training.device=cuda but no CUDA GPU is visible; use training.device=auto or cpu")
     on_cpu = t.device == "cpu" or _truthy(env.get("ACCELERATE_USE_CPU")) or not cuda_available
@@ -237,6 +242,12 @@ def _launch(cfg: Recipe, env: Mapping[str, str], cuda_available: bool, gpu_count
         )
     ds = _deepspeed(env)
     stage = ds["stage"] if ds else None
+    if fsdp and (_truthy(env.get("ACCELERATE_USE_CPU")) or (t.device == "cpu" and cuda_available)):
+        raise UserError(
+            "an FSDP launch config cannot run on accelerate's CPU path (ACCELERATE_USE_CPU or training.device=cpu), "
+            "which drops FSDP; to try FSDP2 on CPU, unset ACCELERATE_USE_CPU on a machine without visible GPUs "
+            "(docs/distributed.md)"
+        )
     if ds and (_truthy(env.get("ACCELERATE_USE_CPU")) or (t.device == "cpu" and cuda_available)):
         # accelerate drops DeepSpeed on its CPU path and wraps the model in DDP, while transformers has prepared for
         # DeepSpeed: ZeRO-2 silently becomes DDP, ZeRO-3 crashes (both reproduced on CPU).
@@ -258,8 +269,34 @@ def _launch(cfg: Recipe, env: Mapping[str, str], cuda_available: bool, gpu_count
             "steps the optimizer on the CPU; set --set training.optimizer=adamw_torch, or use "
             "launch/zero3.yaml without offload"
         )
-    kind = "zero3" if stage == 3 else "zero2" if stage == 2 else "ddp" if world > 1 else "cpu" if on_cpu else "single"
+    kind = ("fsdp2" if fsdp else "zero3" if stage == 3 else "zero2" if stage == 2 else "ddp" if world > 1
+            else "cpu" if on_cpu else "single")
     return _Launch(world, rank, local, on_cpu, ds, stage, kind, gpu_count)
+
+
+def _check_fsdp(env: Mapping[str, str]) -> None:
+    """FSDP2 with what works for a 4-bit base (lorafit.shard); everything else refused with what to use instead."""
+    if str(env.get("FSDP_VERSION", "1")) != "2":
+        raise UserError(
+            "FSDP version 1 is not a lorafit layout (its flat parameters need one dtype for the packed 4-bit weights "
+            "and the rest); use launch/fsdp2.yaml (FSDP2), or launch/zero3.yaml"
+        )
+    if _truthy(env.get("FSDP_CPU_RAM_EFFICIENT_LOADING")):
+        raise UserError(
+            "fsdp_cpu_ram_efficient_loading rebuilds every parameter from rank 0's state dict, which packed 4-bit "
+            "weights and their quantization state do not survive; set it to false (launch/fsdp2.yaml: each process "
+            "quantizes its copy onto its own GPU)"
+        )
+    if _truthy(env.get("FSDP_OFFLOAD_PARAMS")):
+        raise UserError(
+            "FSDP2 parameter offload is not a lorafit layout for a 4-bit base; use launch/zero3_offload.yaml, or "
+            "launch/fsdp2.yaml without offload"
+        )
+    if _truthy(env.get("FSDP_ACTIVATION_CHECKPOINTING")):
+        raise UserError(
+            "fsdp_activation_checkpointing would wrap the decoder layers a second time around lorafit's 4-bit units; "
+            "set it to false and use training.gradient_checkpointing (non-reentrant, which works with FSDP2)"
+        )
 
 
 def _check_precision(cfg: Recipe, env: Mapping[str, str], launch: _Launch, bf16_supported: bool | None) -> None:
@@ -298,6 +335,16 @@ def _placement(cfg: Recipe, launch: _Launch, notes: list[str]) -> tuple[str, dic
             )
         notes.append("ZeRO-3: no device_map; 4-bit weights stored in the compute dtype so they shard with the rest")
         return q.compute_dtype, None, {"use_reentrant": True}
+    if launch.kind == "fsdp2":
+        if q.load_in_4bit and q.quant_storage not in {"auto", "uint8"}:
+            raise UserError(
+                f"under FSDP2 lorafit shards the packed 4-bit weights as bytes (uint8); stored as "
+                f"{q.quant_storage}, FSDP2's copies can change bit patterns that happen to be NaNs and corrupt them "
+                "(bitsandbytes#1945); leave quantization.quant_storage=auto"
+            )
+        notes.append("FSDP2: no device_map; each 4-bit linear sharded as bytes on its own (lorafit.shard), each "
+                     "decoder layer wrapped by accelerate")
+        return "uint8", None, {"use_reentrant": False}
     storage = "uint8" if q.quant_storage == "auto" else q.quant_storage
     return storage, {"": "cpu"} if launch.on_cpu else {"": launch.local}, {"use_reentrant": False}
 
@@ -328,7 +375,7 @@ def _checkpointing(cfg: Recipe, launch: _Launch, shape, gpu_gib: float | None, n
 
     shape = shape or plan.shape_of(cfg.model)
     gpu_gib = gpu_gib if gpu_gib is not None or launch.on_cpu else plan.smallest_gpu_gib()
-    gc = plan.choose_checkpointing(cfg, shape, gpu_gib, launch.world, launch.kind == "zero3")
+    gc = plan.choose_checkpointing(cfg, shape, gpu_gib, launch.world, launch.kind in ("zero3", "fsdp2"))
     notes.append(f"gradient checkpointing {'on' if gc else 'off'}: chosen by the memory planner (--plan)")
     return gc
 

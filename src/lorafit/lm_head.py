@@ -70,10 +70,14 @@ def install_indexed_lm_head(causal_lm) -> bool:
         else:
             labels = shift
         head = causal_lm.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if hasattr(weight, "full_tensor"):  # FSDP2 shards the head: gathered whole once per call, as TRL's head does
+            weight = weight.full_tensor()  # collective
+            bias = bias.full_tensor() if bias is not None else None
         idx = lorafit_label_index.to(hidden.device, non_blocking=True)  # on the device already (the batch's copy)
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx).to(head.weight.device)
-        targets = labels.reshape(-1).index_select(0, idx).to(head.weight.device)
-        log_probs = ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, targets, 1.0, chunk, None, 1.0,
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx).to(weight.device)
+        targets = labels.reshape(-1).index_select(0, idx).to(weight.device)
+        log_probs = ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, chunk, None, 1.0,
                                                  ("log_probs",))[0]
         # idx.numel() is host metadata: the mean needs no count from the device
         return CausalLMOutput(loss=-log_probs.sum() / (max(idx.numel(), 1) if num_items is None else num_items))

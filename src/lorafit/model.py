@@ -140,6 +140,11 @@ def load_model(cfg: Recipe, layout: Layout, source: str, tokenizer):
                  ", Triton dequantize" if layout.dequant_kernel == "triton" else "")
     if cfg.training.liger_kernels and layout.device != "cpu":
         apply_liger_kernels(model)
+    if layout.kind == "fsdp2":
+        from lorafit import shard
+
+        n = shard.shard_4bit_linears(model)  # collective: before accelerate wraps the decoder layers around them
+        log.info("FSDP2: %d 4-bit linears sharded as bytes, each its own unit", n)
     # No dtype fix-up for ZeRO-3 here: TRL recasts LoRA weights to bf16 when it wraps a quantized model, and
     # DeepSpeed's bf16/fp16 mode then casts every float parameter to the compute dtype (lorafit.layout explains why
     # the 4-bit storage dtype must equal it).

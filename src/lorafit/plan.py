@@ -8,7 +8,7 @@ the smallest visible GPU (faster: 4P instead of 6P FLOPs per token), and turns o
 Per process, in bytes:
 - base: NF4 linear weights at 0.5 B/param + one float32 absmax per 64 weights (double quant: 8 bits + a float32
   per 256 blocks) + the other parameters (embeddings, head, norms) in the compute dtype; divided by the world size
-  under ZeRO-3, which shards them.
+  under ZeRO-3 and FSDP2, which shard them.
 - LoRA: r*(in+out) per adapted linear, float32 weight + gradient + two AdamW moments = 16 B/param.
 - activations: tokens per micro-step x layers x hidden x c, with c calibrated on an H100 (docs/benchmarks.md,
   2026-11-27: llama2_guanaco_fast, 7B, 4,096 packed tokens, peak 26.9 GiB with Liger, 32.3 GiB without):
@@ -154,7 +154,7 @@ def smallest_gpu_gib() -> float | None:
 
 def describe(cfg, shape: Shape, gpu_gib: float | None, layout) -> str:
     """--plan's text for `cfg` under `layout` (lorafit.layout.decide's result for this launch)."""
-    world, zero3 = layout.world_size, layout.kind == "zero3"
+    world, zero3 = layout.world_size, layout.kind in ("zero3", "fsdp2")  # the base sharded 1/N
     rows = []
     for gc in (False, True):
         e = for_recipe(cfg, shape, world, zero3, gc=gc)
@@ -166,7 +166,7 @@ def describe(cfg, shape: Shape, gpu_gib: float | None, layout) -> str:
     micro = cfg.training.per_device_batch_size * cfg.data.max_length
     return "\n".join([
         f"plan for {cfg.name}: {shape.layers} layers x {shape.hidden} hidden, vocab {shape.vocab}; "
-        f"{world} process(es){' (ZeRO-3 shards the base)' if zero3 else ''}; smallest GPU {gpu}",
+        f"{world} process(es){f' ({layout.kind} shards the base)' if zero3 else ''}; smallest GPU {gpu}",
         f"  micro-step: {cfg.training.per_device_batch_size} rows x {cfg.data.max_length} tokens = {micro} tokens "
         f"at most; packing {'on' if cfg.data.packing else 'off'}; Liger {'on' if cfg.training.liger_kernels else 'off'}",
         *rows,

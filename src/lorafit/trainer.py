@@ -16,6 +16,7 @@ import time
 
 from trl import SFTConfig, SFTTrainer
 
+from lorafit import mfu, shard
 from lorafit.errors import UserError
 from lorafit.layout import Layout
 from lorafit.lm_head import LABEL_INDEX_KEY, install_indexed_lm_head, label_index
@@ -133,7 +134,8 @@ class LorafitTrainer(SFTTrainer):
     staging_dir: str | None = None  # where HF's checkpoint writer writes while the session saves
 
     def __init__(self, *a, flops_per_token: float = 0.0, peak_flops: float = 0.0, token_metrics: bool = False,
-                 indexed_lm_head: bool = False, **kw):
+                 indexed_lm_head: bool = False, fsdp2_on_cpu: bool = False, **kw):
+        self._fsdp2_on_cpu = fsdp2_on_cpu  # read by create_accelerator_and_postprocess, inside super().__init__
         super().__init__(*a, **kw)
         # after SFTTrainer's __init__, which installed TRL's fused LM head that this wraps
         self.indexed_lm_head = indexed_lm_head and not token_metrics and install_indexed_lm_head(
@@ -150,6 +152,20 @@ class LorafitTrainer(SFTTrainer):
         self.token_metrics = token_metrics
         self._flops_params: int | None = None
         self._trainable: list | None = None
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self._fsdp2_on_cpu:
+            # accelerate (1.16, state.py) turns on FSDP only for GPU-like distributed types and treats a CPU run
+            # as MULTI_CPU, wrapping the model in DDP, although FSDP2's fully_shard runs on CPU over gloo: the FSDP2
+            # layout's CPU runs (its tests) get the FSDP plugin the launcher described instead.
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            state = self.accelerator.state
+            if state.distributed_type == DistributedType.MULTI_CPU:
+                state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables
+                state.distributed_type = DistributedType.FSDP
+                self.is_fsdp_enabled = True
 
     def floating_point_ops(self, inputs) -> int:
         """HF's count (6 x input tokens x non-embedding parameters) with the parameter count taken once. HF recounts
@@ -227,10 +243,25 @@ class LorafitTrainer(SFTTrainer):
         # run it continues. Put every trainable tensor back into the dtype it had (bf16 -> fp32 -> bf16 is exact).
         target = self.model if model is None else model
         before = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
+        if shard.is_sharded(target):  # FSDP2: each rank loads its part of the adapter (lorafit.shard)
+            return shard.load_adapter(target, resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         for n, p in target.named_parameters():
             if n in before and p.dtype != before[n]:
                 p.data = p.data.to(before[n])
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if not (self.is_fsdp_enabled and shard.is_sharded(self.model)):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # HF also saves accelerate's whole FSDP model state here (save_fsdp_model), the 4-bit base included (~4 GB
+        # for a 7B) at every checkpoint; a resume loads only the adapter (save_model), so that write is skipped.
+        import transformers.trainer as hf_trainer
+
+        save_model, hf_trainer.save_fsdp_model = hf_trainer.save_fsdp_model, lambda *a, **kw: None
+        try:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            hf_trainer.save_fsdp_model = save_model
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -245,6 +276,12 @@ class LorafitTrainer(SFTTrainer):
             # per-micro-step NaN filter is off (it is: a sync per micro-step, see build_args). Zeroing it after each
             # log (no sync) confines a skipped step's NaN to the log interval it happened in.
             tr_loss.zero_()
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if not (self.is_fsdp_enabled and shard.is_sharded(self.model)):
+            return super().save_model(output_dir, _internal_call)
+        # FSDP2: the adapter's tensors gathered whole (a collective), saved by rank 0 as one process would
+        self._save(output_dir or self.args.output_dir, state_dict=shard.adapter_state(self.model))
 
     def _get_output_dir(self, trial):
         return self.staging_dir or super()._get_output_dir(trial)
@@ -324,31 +361,6 @@ class LorafitTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
-# Measured dense bf16 matmul peaks (FLOP/s) of the GPUs we benchmark on: an 8192^3 product through PyTorch, ~790 TF
-# on H100 and H200 (see docs/benchmarks.md). LORAFIT_PEAK_TFLOPS overrides; unknown devices report no MFU.
-PEAK_FLOPS = {"H100": 790e12, "H200": 790e12}
-
-
-def peak_flops() -> float:
-    import os
-
-    import torch
-
-    if os.environ.get("LORAFIT_PEAK_TFLOPS"):
-        return float(os.environ["LORAFIT_PEAK_TFLOPS"]) * 1e12
-    if not torch.cuda.is_available():
-        return 0.0
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
-
-
-def flops_per_token(total_params: int, recompute: bool) -> float:
-    """FLOPs per trained token, the basis of the MFU we log: 2P forward + 2P backward to the inputs (the frozen base
-    needs no weight gradients; LoRA's are negligible) + 2P more when checkpointing recomputes the forward.
-    Attention's sequence-length term is left out, which understates MFU slightly at 1024 tokens."""
-    return (6.0 if recompute else 4.0) * total_params
-
-
 def build_trainer(cfg: Recipe, layout: Layout, args: SFTConfig, model, tokenizer, prepared,
                   callbacks) -> LorafitTrainer:
     # The tokenizer saved with every checkpoint and the final adapter (and so with a merged export) carries the chat
@@ -361,10 +373,11 @@ def build_trainer(cfg: Recipe, layout: Layout, args: SFTConfig, model, tokenizer
         extra["optimizer_cls_and_kwargs"] = (LORAFIT_OPTIMIZERS[cfg.training.optimizer](), {
             "lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon})
     sft = LorafitTrainer(
-        flops_per_token=flops_per_token(total, layout.gradient_checkpointing),
-        peak_flops=peak_flops(),
+        flops_per_token=mfu.flops_per_token(total, layout.gradient_checkpointing),
+        peak_flops=mfu.peak_flops(),
         token_metrics=cfg.logging.token_metrics,
         indexed_lm_head=layout.indexed_lm_head,
+        fsdp2_on_cpu=layout.kind == "fsdp2" and layout.device == "cpu",
         model=model,
         args=args,
         train_dataset=prepared.train,

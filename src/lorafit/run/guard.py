@@ -24,8 +24,7 @@ def nonfinite_trainable(model) -> list[str]:
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        t = getattr(p, "ds_tensor", None)  # ZeRO-3 keeps this rank's shard here
-        t = p if t is None else t
+        t = dist.local_part(p)  # ZeRO-3's or FSDP2's shard, else the whole tensor
         names.append(n)
         flags.append(~torch.isfinite(t.detach()).all() if t.numel() else torch.zeros((), dtype=torch.bool,
                                                                                        device=t.device))
@@ -89,6 +88,8 @@ class StepGuard(TrainerCallback):
             # fp16 AMP: inf gradients with a finite loss are the GradScaler's business (it skips the step and lowers
             # the scale; several in a row are normal while it calibrates); only a non-finite loss counts here.
             gn = None
+        if hasattr(gn, "full_tensor"):  # FSDP2 reports the norm as a DTensor
+            gn = gn.full_tensor()  # collective
         if isinstance(gn, torch.Tensor):
             bad = bad | ~torch.isfinite(gn.detach().to(dev)).all()
         elif gn is not None and not math.isfinite(gn):
