@@ -2,6 +2,8 @@
 
     . .gpu/env.sh; python bench/throughput.py --model /tmp/llama2-7b-random --data $GUANACO_1K --out $OUT/tp \\
         --runs trl_seed,trl_tuned,lorafit:llama2_guanaco,lorafit:llama2_guanaco_fast --steps 40
+    . .gpu/env.sh; python bench/throughput.py --shape llama3-8b --data $GUANACO_1K --out $OUT/llama3 \\
+        --runs trl_liger,lorafit:llama3_8b_fast+data.chat_template=auto --steps 30 --drop-model  # vs TRL + Liger
 
 A run is `trl_seed` / `trl_tuned` (bench/trl_reference.py: plain TRL, no lorafit code) or `lorafit:RECIPE[+k=v...]`
 (src/train.py with overrides, e.g. `lorafit:llama2_guanaco_fast+training.liger_kernels=false`; an `env:NAME=VALUE`
@@ -29,8 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_trl(name: str, a, out: Path, tag: str = "") -> dict:
+    liger = ["--tuned", "--liger", "--optim", "adamw_torch_fused"]  # the strongest TRL setting (issue 22)
     extra = {"trl_seed": [], "trl_tuned": ["--tuned"], "trl_tuned_all_linear": ["--tuned", "--all-linear",
-                                                                                "--dropout", "0"]}[name]
+                                                                                "--dropout", "0"],
+             "trl_liger": liger, "trl_liger_all_linear": [*liger, "--all-linear", "--dropout", "0"]}[name]
     js = out / f"{name}{tag}.json"
     cmd = [sys.executable, str(REPO / "bench/trl_reference.py"), "--model", a.model, "--data", a.data, "--steps",
            str(a.steps), "--warmup", str(a.warmup), "--out", str(js), *extra]
@@ -56,7 +60,8 @@ def run_lorafit(spec: str, a, out: Path, tag: str = "") -> dict:
         return {"name": spec, "real_tokens_per_s": s.get("steady_tokens_per_second"),
                 "s_per_step": s.get("steady_step_time_s"), "tokens_per_step": s["tokens_seen"] / max(s["steps"], 1),
                 "real_tokens_per_s_mean": s.get("steady_tokens_per_second_mean"), "phases_s": s.get("phases_s"),
-                "peak_gib": s.get("peak_gpu_memory_gib"), "mfu": s.get("steady_mfu"), "first_losses": s.get(
+                "peak_gib": s.get("peak_gpu_memory_gib"), "mfu": s.get("steady_mfu"),
+                "mfu_datasheet": s.get("steady_mfu_datasheet"), "first_losses": s.get(
                     "first_losses"), "steps": s["steps"], "step_times_s": s.get("logged_step_times_s")}
 
     return _go(name, cmd, out, parse, tag, env)
@@ -82,7 +87,12 @@ def _go(name: str, cmd: list[str], out: Path, parse, tag: str = "", env: dict | 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", help="model folder (or --shape, which makes one)")
+    p.add_argument("--shape", help="a bench/make_checkpoint.py shape (7b, 13b, llama3-8b, qwen2.5-7b, mistral-7b): "
+                   "its random-weight checkpoint is made under --scratch if missing")
+    p.add_argument("--tokenizer", default=os.environ.get("LLAMA2_TOKENIZER"), help="for --shape (default "
+                   "$LLAMA2_TOKENIZER)")
+    p.add_argument("--drop-model", action="store_true", help="delete the --shape checkpoint afterwards (disk)")
     p.add_argument("--data", required=True)
     p.add_argument("--runs", default="trl_seed,trl_tuned,lorafit:llama2_guanaco,lorafit:llama2_guanaco_fast")
     p.add_argument("--steps", type=int, default=40)
@@ -93,6 +103,15 @@ def main() -> None:
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.shape:
+        sys.path.insert(0, str(REPO / "bench"))
+        from make_checkpoint import make
+
+        a.model = str(Path(a.scratch) / f"shape-{a.shape}")
+        if not (Path(a.model) / "config.json").is_file():
+            make(a.shape, a.tokenizer, a.model)
+    if not a.model:
+        p.error("give --model or --shape")
     results = []
     for rep in range(a.repeat):
         tag = f"_r{rep + 1}" if a.repeat > 1 else ""
@@ -101,6 +120,8 @@ def main() -> None:
             results.append({**run(spec, a, out, tag), "repeat": rep + 1})
             (out / "results.json").write_text(json.dumps(results, indent=1))
     print(table(results))
+    if a.shape and a.drop_model:
+        subprocess.run(["rm", "-rf", a.model])
 
 
 def table(results: list[dict]) -> str:

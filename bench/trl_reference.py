@@ -2,6 +2,7 @@
 
     python bench/trl_reference.py --model /tmp/llama2-7b-random --data $GUANACO_1K --steps 40 --out /tmp/ref.json
     python bench/trl_reference.py ... --tuned        # GC off, bfd packing, flex attention: the best TRL row in issue 6
+    python bench/trl_reference.py ... --tuned --liger --optim adamw_torch_fused   # what a speed-aware TRL user runs
 
 Measures, per optimizer step after --warmup steps, real (non-pad) tokens/s with a device sync at every step end, plus
 the peak allocated GPU memory; writes JSON. bench/throughput.py runs this next to lorafit in one invocation.
@@ -70,6 +71,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--tuned", action="store_true")
+    p.add_argument("--liger", action="store_true", help="TRL's use_liger_kernel=True (Liger's RMSNorm/SwiGLU/RoPE)")
+    p.add_argument("--optim", default="paged_adamw_32bit", help="TRL's optim (e.g. adamw_torch_fused)")
     p.add_argument("--all-linear", action="store_true")
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--out", required=True)
@@ -87,7 +90,8 @@ def main() -> None:
     ds = load_dataset("parquet", data_dir=a.data, split="train")
     args = SFTConfig(output_dir="/tmp/trl-ref", max_steps=a.steps, per_device_train_batch_size=4,
                      gradient_accumulation_steps=1, learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03,
-                     max_grad_norm=0.3, weight_decay=0.001, optim="paged_adamw_32bit", bf16=True, logging_steps=1,
+                     max_grad_norm=0.3, weight_decay=0.001, optim=a.optim, bf16=True, logging_steps=1,
+                     use_liger_kernel=a.liger,
                      report_to="none", save_strategy="no", max_length=1024, dataset_text_field="text",
                      gradient_checkpointing=not a.tuned, packing=a.tuned,
                      packing_strategy="bfd", seed=42, disable_tqdm=True)
@@ -104,7 +108,9 @@ def main() -> None:
     in_step = step_rates(counts, timer.times, warm, a.steps)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     res = {
-        "name": ("trl_tuned" if a.tuned else "trl_seed") + ("_all_linear" if a.all_linear else ""),
+        "name": ("trl_liger" if a.liger else "trl_tuned" if a.tuned else "trl_seed")
+        + ("_all_linear" if a.all_linear else ""),
+        "optim": a.optim,
         "real_tokens_per_s": statistics.median(per_step),
         "real_tokens_per_s_in_step": statistics.median(in_step),
         "s_per_step": statistics.median(timer.cycles[warm:]),

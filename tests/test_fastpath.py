@@ -49,6 +49,47 @@ def test_packed_rows_attend_only_within_themselves():
     assert (across - alone).abs().max() > 1e-2  # the check above would catch attention across rows
 
 
+def tiny_mistral(attn: str, window: int, seed: int = 0):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=window)
+    ref = MistralForCausalLM(cfg).eval()
+    if attn == "sdpa":
+        return ref
+    m = MistralForCausalLM._from_config(cfg, attn_implementation=attention.register_varlen_attention()).eval()
+    m.load_state_dict(ref.state_dict())
+    attention.skip_mask_building(m)
+    return m
+
+
+@pytest.mark.parametrize("window", [3, 64])
+def test_a_sliding_window_is_applied_in_packed_rows_as_transformers_applies_it(window, monkeypatch):
+    """Mistral's sliding window: each packed row attended with the window (3 tokens here: shorter than the rows, so
+    it cuts) equals the row run alone through transformers' own sliding-window mask; a window longer than every
+    row (64) is no window at all, and the batch still skips transformers' mask building (the Mistral gap)."""
+    import transformers.masking_utils as mu
+
+    ours, ref = tiny_mistral("varlen", window), tiny_mistral("sdpa", window)
+    rows, batch = packed([5, 9, 1, 7])
+    built = []
+    real = mu.find_packed_sequence_indices
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda *a, **k: (built.append(1), real(*a, **k))[1])
+    with torch.no_grad():
+        got = ours(**batch, use_cache=False).logits[0]
+    monkeypatch.undo()
+    with torch.no_grad():
+        alone = torch.cat([ref(input_ids=r[None], use_cache=False).logits[0] for r in rows])
+    assert torch.allclose(got, alone, atol=1e-5), (got - alone).abs().max()
+    assert built == []  # the placeholder mask went in: nothing built, nothing inspected
+    if window == 3:  # the window matters here: full causal attention within the rows gives other logits
+        full = tiny_mistral("sdpa", None)
+        with torch.no_grad():
+            causal = torch.cat([full(input_ids=r[None], use_cache=False).logits[0] for r in rows])
+        assert (causal - alone).abs().max() > 1e-3
+
+
 def test_packed_batches_skip_transformers_mask_building(monkeypatch):
     """A training forward of a packed batch (no KV cache) goes past transformers' packed-row detection, whose `.all()`
     is a host-device sync on a GPU, with the logits it gets without the hook; a padded batch still gets

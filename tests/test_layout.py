@@ -402,7 +402,13 @@ def test_fsdp2_shards_the_4bit_base_as_bytes_with_no_device_map():
     assert lay.gradient_checkpointing and lay.gradient_checkpointing_kwargs == {"use_reentrant": False}
     assert lay.indexed_lm_head and any("sharded as bytes" in n for n in lay.notes)
     fast = gpu(load_recipe("llama2_guanaco_fast"), dist_env(2, 0, 0, **FSDP2_ENV), gpus=2)
-    assert fast.fused_4bit  # the fused layers read the gathered weight and scales like bitsandbytes' own
+    # the fused function reads the base weight without calling the module FSDP2 gathers around: PEFT's layers run
+    assert not fast.fused_4bit and any("lora.fused off under FSDP2" in n for n in fast.notes)
+    # bitsandbytes' kernels cannot step DTensor shards: its 32-bit AdamW becomes torch's (the same update)
+    assert (lay.optimizer, fast.optimizer) == ("adamw_torch_fused", "adamw_torch_fused")
+    assert gpu(guanaco(), dist_env(2, 0, 0)).optimizer == "paged_adamw_32bit"  # elsewhere the recipe's own
+    with pytest.raises(UserError, match="training.optimizer=adamw_8bit runs bitsandbytes kernels"):
+        gpu(guanaco("training.optimizer=adamw_8bit"), dist_env(2, 0, 0, **FSDP2_ENV), gpus=2)
     one = gpu(guanaco(), {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, gpus=1)  # one GPU: a smoke run
     assert (one.kind, one.world_size) == ("fsdp2", 1)
 

@@ -50,13 +50,36 @@ def _no_mask():
     return torch.ones((1, 1, 1, 1), dtype=torch.bool)
 
 
+def config_window(config) -> int | None:
+    """The sliding window some layer of this model attends with, or None: transformers 5 names each layer's kind
+    (`layer_types`); Qwen2 configs carry a `sliding_window` they do not use (`use_sliding_window: false`)."""
+    sw = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return sw if "sliding_attention" in types else None
+    return sw if getattr(config, "use_sliding_window", True) else None
+
+
+def effective_window(window: int | None, max_len: int) -> int | None:
+    """A sliding window no shorter than the longest packed row never cuts anything off: then no window at all."""
+    return window if window and window < max_len else None
+
+
+def window_supported(on_cuda: bool) -> bool:
+    """Whether this attention can apply a sliding window itself: the CPU reference can; on CUDA, torch's varlen
+    kernel where it takes `window_size` (2.13 does)."""
+    return not on_cuda or "window_size" in _varlen_params()
+
+
 def skip_mask_building(model):
     """A forward pre-hook on the model's decoder stack: a padding-free batch that the varlen kernel will attend
-    (`cu_seq_lens_q`, one packed row, no KV cache, no attention dropout, no sliding window) goes in with a placeholder
-    4-D mask, so transformers neither syncs on its position ids nor builds a mask nobody reads (module docstring).
-    Every other batch passes unchanged and gets transformers' mask. Returns the hook's handle."""
+    (`cu_seq_lens_q`, one packed row, no KV cache, no attention dropout, a sliding window the kernel applies or one
+    longer than every row) goes in with a placeholder 4-D mask, so transformers neither syncs on its position ids nor
+    builds a mask nobody reads (module docstring). Every other batch passes unchanged and gets transformers' mask.
+    Returns the hook's handle."""
     decoder = model.get_decoder()
     config = decoder.config
+    window = config_window(config)
 
     def pre_hook(module, args, kwargs):
         if args or kwargs.get("cu_seq_lens_q") is None or kwargs.get("attention_mask") is not None:
@@ -64,7 +87,10 @@ def skip_mask_building(model):
         if kwargs.get("use_cache") or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
             return None
         x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-        if x is None or x.shape[0] != 1 or getattr(config, "sliding_window", None):
+        if x is None or x.shape[0] != 1:
+            return None
+        max_len = kwargs.get("max_length_q")
+        if window and (max_len is None or effective_window(window, int(max_len))) and not window_supported(x.is_cuda):
             return None
         if module.training and getattr(config, "attention_dropout", 0.0):
             return None
@@ -75,10 +101,15 @@ def skip_mask_building(model):
 
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention interface: query/key/value (batch, heads, seq, head_dim) -> (batch, seq, heads,
-    head_dim), None. Runs the varlen kernel on a padding-free batch (batch 1 with `cu_seq_lens_q`)."""
+    head_dim), None. Runs the varlen kernel on a padding-free batch (batch 1 with `cu_seq_lens_q`), with the layer's
+    sliding window where it has one that is shorter than the longest packed row."""
     cu = kwargs.get("cu_seq_lens_q")
+    window = None
+    if cu is not None and kwargs.get("max_length_q") is not None:  # a host int: TRL's collator computes it
+        window = effective_window(getattr(module, "sliding_window", None) or kwargs.get("sliding_window"),
+                                  int(kwargs["max_length_q"]))
     if (cu is None or query.shape[0] != 1 or query.shape[2] != key.shape[2] or dropout
-            or getattr(module, "sliding_window", None) or kwargs.get("sliding_window")):
+            or (window and not window_supported(query.is_cuda))):
         if attention_mask is not None and attention_mask is _no_mask():
             raise RuntimeError("lorafit.attention: a batch given the varlen placeholder mask is not one the varlen "
                                "kernel attends; skip_mask_building's conditions are out of step with this function")
@@ -89,23 +120,27 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     q, k, v = (t.transpose(1, 2)[0] for t in (query, key, value))  # (total tokens, heads, head_dim), views
     if q.is_cuda:
-        out = _flash_varlen(q, k, v, cu, int(kwargs["max_length_q"]), scale)
+        out = _flash_varlen(q, k, v, cu, int(kwargs["max_length_q"]), scale, window)
     else:
-        out = _reference_varlen(q, k, v, cu, scale)
+        out = _reference_varlen(q, k, v, cu, scale, window)
     return out.unsqueeze(0), None
 
 
-def _reference_varlen(q, k, v, cu, scale):
-    """Each packed row attended on its own with sdpa (causal): the semantics of the kernel, for CPUs and tests."""
+def _reference_varlen(q, k, v, cu, scale, window: int | None = None):
+    """Each packed row attended on its own with sdpa (causal; with a sliding window, each token sees itself and the
+    `window - 1` before it, transformers' semantics): the kernel's, for CPUs and tests."""
     import torch
 
     bounds = cu.tolist()  # a CPU tensor here: no device sync
     gqa = q.shape[1] != k.shape[1]
     outs = []
     for s, e in zip(bounds[:-1], bounds[1:]):
+        kw = {"is_causal": True}
+        if window:
+            i = torch.arange(e - s)
+            kw = {"attn_mask": (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)}
         o = torch.nn.functional.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True, scale=scale,
-            enable_gqa=gqa)
+            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), scale=scale, enable_gqa=gqa, **kw)
         outs.append(o.transpose(0, 1))
     return torch.cat(outs, dim=0)
 
@@ -125,14 +160,18 @@ def varlen_available() -> bool:
     return True
 
 
-def _flash_varlen(q, k, v, cu, max_len: int, scale: float):
+def _flash_varlen(q, k, v, cu, max_len: int, scale: float, window: int | None = None):
     import torch
     from torch.nn.attention.varlen import varlen_attn
 
     params = _varlen_params()
-    # Releases differ: some take is_causal=, newer ones (2.13 here) express causality as window_size=(-1, 0); the
+    # Releases differ: some take is_causal=, newer ones (2.13 here) express causality as window_size=(-1, 0) and a
+    # sliding window as (window - 1, 0) (the token itself and window - 1 before it: transformers' semantics); the
     # signature decides. The GPU tests ran this on torch 2.11 against each row attended alone.
-    kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if window:
+        kw = {"window_size": (window - 1, 0)}  # window_supported() checked that this torch takes it
+    else:
+        kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
     if "scale" in params:
         kw["scale"] = scale
     elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:

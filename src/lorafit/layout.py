@@ -39,8 +39,8 @@ Why:
   ... have different metadata", huggingface/transformers#47254, deepspeedai/DeepSpeed#4332; TRL forces reentrant in
   this case for the same reason). Input grads are enabled (lorafit.model), which reentrant checkpointing needs to
   propagate gradients through a frozen base.
-- The fused 4-bit layers (lora.fused, lorafit.fused) run on cpu, single, ddp and zero2; ZeRO-3 keeps PEFT's and
-  bitsandbytes' layers, whose sharded weights DeepSpeed gathers through its module hooks. Kept 16-bit weights
+- The fused 4-bit layers (lora.fused, lorafit.fused) run on cpu, single, ddp and zero2; ZeRO-3 and FSDP2 keep PEFT's
+  and bitsandbytes' layers, whose sharded weights they gather through hooks on each module. Kept 16-bit weights
   (quantization.keep_dequantized) need a run without recompute and offloading.
 - The fused layers' NF4 dequantize is bitsandbytes' kernel unless quantization.dequant_kernel=triton asks for
   lorafit's, which runs on a GPU with Triton (a CPU run keeps bitsandbytes', with a note).
@@ -57,29 +57,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lorafit.errors import UserError
+from lorafit.optim import BNB_OPTIMIZERS, optimizer_for_dtensor
 from lorafit.recipe import Recipe
 
-# transformers' optimizer names that run bitsandbytes kernels on the GPU (paged or 8-bit state, Lion, AdEMAMix).
-BNB_OPTIMIZERS = frozenset(
-    {
-        "adamw_bnb_8bit",
-        "adamw_8bit",
-        "ademamix",
-        "ademamix_8bit",
-        "lion_8bit",
-        "lion_32bit",
-        "paged_adamw_32bit",
-        "paged_adamw_8bit",
-        "paged_ademamix_32bit",
-        "paged_ademamix_8bit",
-        "paged_lion_32bit",
-        "paged_lion_8bit",
-        "rmsprop_bnb",
-        "rmsprop_bnb_8bit",
-        "rmsprop_bnb_32bit",
-        "lorafit_adamw_32bit",  # lorafit.optim: bitsandbytes' 32-bit AdamW without the per-tensor sync
-    }
-)
 _PRECISION_OF = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 
 
@@ -105,6 +85,7 @@ class Layout:
     keep_dequantized: bool = False  # ... and keeps their 16-bit weights for the backward
     indexed_lm_head: bool = True  # the training loss's LM head on host-indexed positions (lorafit.lm_head)
     dequant_kernel: str = "bitsandbytes"  # the fused layers' NF4 dequantize: bitsandbytes | triton (lorafit.fused)
+    optimizer: str = ""  # training.optimizer, or its torch twin where the layout cannot run bitsandbytes' (FSDP2)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -119,7 +100,7 @@ class Layout:
             f"layout {self.kind}: world size {self.world_size}, device {self.device}, device_map "
             f"{self.device_map}, 4-bit storage {self.quant_storage}, gradient checkpointing "
             f"{'on ' + json.dumps(self.gradient_checkpointing_kwargs) if self.gradient_checkpointing else 'off'}, "
-            f"effective batch {self.effective_batch}"
+            f"attention {self.attn_implementation}, effective batch {self.effective_batch}" + (f"; {'; '.join(self.notes)}" if self.notes else "")
         )
 
 
@@ -193,6 +174,7 @@ def decide(
         )
     gc = _checkpointing(cfg, launch, shape, gpu_gib, notes)
     fused, keep, dequant = _fused_layers(cfg, launch, gc, notes)
+    optimizer = _optimizer(cfg, launch, notes)
     t = cfg.training
     return Layout(
         kind=launch.kind,
@@ -219,6 +201,7 @@ def decide(
         # ZeRO-3 shards the LM head's weight: TRL's fused head gathers it, the indexed head would read the shard
         indexed_lm_head=launch.kind != "zero3",
         dequant_kernel=dequant,
+        optimizer=optimizer,
         notes=notes,
     )
 
@@ -384,11 +367,13 @@ def _fused_layers(cfg: Recipe, launch: _Launch, gc: bool, notes: list[str]) -> t
     """(fused 4-bit layers, their kept 16-bit weights, the dequantize kernel) where this launch allows them."""
     q = cfg.quantization
     fused, keep = cfg.lora.fused and q.load_in_4bit, q.keep_dequantized
-    if fused and launch.kind == "zero3":
-        # ZeRO-3 gathers each 4-bit shard around the module's forward and backward through its own hooks; the
-        # fused function has only been checked against the unsharded layouts, so ZeRO-3 keeps PEFT's layers.
+    if fused and launch.kind in ("zero3", "fsdp2"):
+        # ZeRO-3 and FSDP2 gather each 4-bit shard around the module's forward and backward through hooks on that
+        # module; the fused function reads the base weight without calling the module, so it would see a shard.
+        # These layouts keep PEFT's layers, which call the 4-bit linear as a module.
         fused = keep = False
-        notes.append("lora.fused off under ZeRO-3: PEFT's and bitsandbytes' own layers run there")
+        name = "ZeRO-3" if launch.kind == "zero3" else "FSDP2"
+        notes.append(f"lora.fused off under {name}: PEFT's and bitsandbytes' own layers run there")
     if keep and gc:
         keep = False
         notes.append("quantization.keep_dequantized off: the memory planner turned gradient checkpointing on")
@@ -401,6 +386,15 @@ def _fused_layers(cfg: Recipe, launch: _Launch, gc: bool, notes: list[str]) -> t
             why = "no fused layers here" if not fused else "a CPU run" if launch.on_cpu else "Triton is not installed"
             notes.append(f"quantization.dequant_kernel=bitsandbytes: {why}")
     return fused, keep, dequant
+
+
+def _optimizer(cfg: Recipe, launch: _Launch, notes: list[str]) -> str:
+    if launch.kind != "fsdp2":
+        return cfg.training.optimizer
+    name, note = optimizer_for_dtensor(cfg.training.optimizer, on_cpu=launch.on_cpu)
+    if note:
+        notes.append(note)
+    return name
 
 
 def _cpu_threads(env: Mapping[str, str]) -> int | None:

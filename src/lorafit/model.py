@@ -42,8 +42,11 @@ def choose_pad_token(tok, wanted: str | None) -> None:
         tok.pad_token = wanted
     elif tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         # Padding with EOS would mask every EOS out of the loss in collators that mask pad ids, and the model would
-        # never learn to stop. Prefer an existing special token (Llama-2: <unk>) so the vocabulary does not change.
-        for cand in (tok.unk_token, *getattr(tok, "all_special_tokens", [])):
+        # never learn to stop. Prefer an existing special token so the vocabulary does not change: the unknown token
+        # (Llama-2, Mistral: <unk>), else one made for padding (Llama-3.1: <|finetune_right_pad_id|>), else any.
+        added = getattr(tok, "added_tokens_decoder", {}) or {}
+        padding = sorted(str(t) for t in added.values() if getattr(t, "special", False) and "pad" in str(t).lower())
+        for cand in (tok.unk_token, *padding, *getattr(tok, "all_special_tokens", [])):
             if cand is not None and tok.convert_tokens_to_ids(cand) not in (tok.eos_token_id, tok.bos_token_id):
                 tok.pad_token = cand
                 break

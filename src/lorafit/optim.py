@@ -15,6 +15,52 @@ from __future__ import annotations
 
 import functools
 
+from lorafit.errors import UserError
+
+# transformers' optimizer names that run bitsandbytes kernels on the GPU (paged or 8-bit state, Lion, AdEMAMix).
+BNB_OPTIMIZERS = frozenset(
+    {
+        "adamw_bnb_8bit",
+        "adamw_8bit",
+        "ademamix",
+        "ademamix_8bit",
+        "lion_8bit",
+        "lion_32bit",
+        "paged_adamw_32bit",
+        "paged_adamw_8bit",
+        "paged_ademamix_32bit",
+        "paged_ademamix_8bit",
+        "paged_lion_32bit",
+        "paged_lion_8bit",
+        "rmsprop_bnb",
+        "rmsprop_bnb_8bit",
+        "rmsprop_bnb_32bit",
+        "lorafit_adamw_32bit",  # lorafit.optim: bitsandbytes' 32-bit AdamW without the per-tensor sync
+    }
+)
+
+# bitsandbytes' 32-bit AdamW and lorafit's sync-free one compute torch's AdamW update (float32 state, decoupled weight
+# decay); torch's steps FSDP2's DTensor shards, which bitsandbytes' kernels cannot take.
+_TORCH_TWIN = {"paged_adamw_32bit": "adamw_torch", "lorafit_adamw_32bit": "adamw_torch"}
+
+
+def optimizer_for_dtensor(name: str, on_cpu: bool) -> tuple[str, str | None]:
+    """The optimizer that steps FSDP2's sharded parameters for `training.optimizer=name`, and a note if it changed."""
+    if name not in BNB_OPTIMIZERS:
+        return name, None
+    if name not in _TORCH_TWIN:
+        raise UserError(
+            f"training.optimizer={name} runs bitsandbytes kernels, which cannot step FSDP2's sharded (DTensor) "
+            "parameters and have no torch twin with the same state; set --set training.optimizer=adamw_torch, or "
+            "use launch/zero3.yaml"
+        )
+    twin = _TORCH_TWIN[name] + ("" if on_cpu else "_fused")
+    return twin, (
+        f"training.optimizer {name} -> {twin} under FSDP2 (the same AdamW update; bitsandbytes' kernels "
+        "cannot step DTensor shards)"
+    )
+
+
 
 @functools.cache
 def adamw_32bit_nosync():

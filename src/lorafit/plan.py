@@ -184,5 +184,6 @@ def _fused_line(cfg, layout) -> str:
         keep = ", 16-bit weights kept for the backward (counted above)" if layout.keep_dequantized else ""
         return "fused with their adapters (lora.fused)" + keep
     if cfg.lora.fused:  # the layout turned it off
-        return "PEFT's and bitsandbytes' (lora.fused is off under ZeRO-3)"
+        kind = {"zero3": "ZeRO-3", "fsdp2": "FSDP2"}.get(layout.kind, layout.kind)
+        return f"PEFT's and bitsandbytes' (lora.fused is off under {kind})"
     return "PEFT's and bitsandbytes' (lora.fused=false)"

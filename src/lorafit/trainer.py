@@ -36,7 +36,8 @@ def build_args(cfg: Recipe, layout: Layout, run_dir: str, has_eval: bool) -> SFT
         # prints a warning when it has to fall back to the CPU; told up front, it has nothing to say.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     eval_strategy = "steps" if (has_eval and t.eval_steps) else "no"
-    check_optimizer(t.optimizer)
+    optimizer = layout.optimizer or t.optimizer  # the layout's choice (FSDP2 takes torch's twin of bitsandbytes')
+    check_optimizer(optimizer)
     return SFTConfig(
         output_dir=run_dir,
         num_train_epochs=t.epochs,
@@ -50,7 +51,7 @@ def build_args(cfg: Recipe, layout: Layout, run_dir: str, has_eval: bool) -> SFT
         max_grad_norm=t.max_grad_norm,
         weight_decay=t.weight_decay,
         # lorafit's own optimizers reach HF as a class (build_trainer); the name here is then unused
-        optim="adamw_torch" if t.optimizer in LORAFIT_OPTIMIZERS else t.optimizer,
+        optim="adamw_torch" if optimizer in LORAFIT_OPTIMIZERS else optimizer,
         seed=t.seed,
         data_seed=t.seed,
         bf16=on_gpu and cfg.quantization.compute_dtype == "bfloat16",
@@ -368,9 +369,10 @@ def build_trainer(cfg: Recipe, layout: Layout, args: SFTConfig, model, tokenizer
     tokenizer.chat_template = prepared.renderer.chat_template
     total = model.get_nb_trainable_parameters()[1]
     extra = {}
-    if cfg.training.optimizer in LORAFIT_OPTIMIZERS:
+    optimizer = layout.optimizer or cfg.training.optimizer
+    if optimizer in LORAFIT_OPTIMIZERS:
         # HF builds it with its usual parameter groups (weight decay off for norms and biases) and schedule
-        extra["optimizer_cls_and_kwargs"] = (LORAFIT_OPTIMIZERS[cfg.training.optimizer](), {
+        extra["optimizer_cls_and_kwargs"] = (LORAFIT_OPTIMIZERS[optimizer](), {
             "lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon})
     sft = LorafitTrainer(
         flops_per_token=mfu.flops_per_token(total, layout.gradient_checkpointing),

@@ -179,7 +179,9 @@ class TemplateRenderer:
 
 
 def make_renderer(tokenizer, fmt: str, cfg: DataConfig):
-    if fmt == "llama2" or cfg.chat_template == "llama2":
+    """Llama-2 text rows keep Llama-2's format unless data.chat_template=tokenizer asks for the model's own template
+    (the Llama-3, Qwen2.5 and Mistral recipes: guanaco's rows rendered in each family's chat format)."""
+    if cfg.chat_template == "llama2" or (fmt == "llama2" and cfg.chat_template == "auto"):
         return Llama2Renderer(tokenizer)
     if cfg.chat_template == "tokenizer" or getattr(tokenizer, "chat_template", None):
         if not getattr(tokenizer, "chat_template", None):

@@ -21,8 +21,9 @@ from lorafit.recipe.schema import (
     Recipe,
     TrainingConfig,
 )
+from lorafit.recipe.variants import fast_path
 
 __all__ = ["RECIPE_DIRS", "CheckpointConfig", "DataConfig", "EvalConfig", "LoggingConfig", "LoraConfig", "ModelConfig",
            "OutputConfig", "QuantizationConfig", "Recipe", "TrainingConfig", "all_keys", "apply_overrides",
-           "available_recipes", "coerce", "describe_fields", "describe_recipes", "from_dict", "load_recipe",
+           "available_recipes", "coerce", "describe_fields", "describe_recipes", "fast_path", "from_dict", "load_recipe",
            "set_value", "unknown_key"]

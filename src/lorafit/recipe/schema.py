@@ -134,7 +134,8 @@ class DataConfig:
     messages_column: str = f("messages", "Column holding the chat messages (format messages).")
     chat_template: Literal["auto", "llama2", "tokenizer"] = f(
         "auto", "How alpaca/messages rows are rendered: the tokenizer's chat template, Llama-2's, or auto "
-        "(the tokenizer's if it has one, else Llama-2's). Llama-2 text rows are always kept in Llama-2 format."
+        "(the tokenizer's if it has one, else Llama-2's). Llama-2 text rows keep Llama-2's format unless this is "
+        "tokenizer (the family recipes: guanaco's rows in each model's own chat format)."
     )
     system_prompt: str | None = f(None, "System prompt added to rows that have none (unset: none).")
     max_length: int = f(1024, "Sequences longer than this are truncated (and counted).")

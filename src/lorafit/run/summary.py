@@ -9,6 +9,7 @@ import math
 import statistics
 from pathlib import Path
 
+from lorafit import mfu
 from lorafit.dist import memory_per_rank
 from lorafit.fused import counts as fused_counts
 
@@ -44,6 +45,9 @@ def write_summary(run_dir: Path, cfg, layout, trainer, prepared, wall: float, tr
     if "peak_gpu_memory_gib_per_rank" in summary:
         summary["peak_gpu_memory_gib"] = summary["peak_gpu_memory_gib_per_rank"][layout.rank]  # this rank's
     summary.update(steady_figures(hist))
+    ratio = mfu.datasheet_ratio()
+    if ratio and "steady_mfu" in summary:  # both bases (lorafit.mfu): the measured 790 TFLOP/s and the datasheet's
+        summary["steady_mfu_datasheet"] = round(summary["steady_mfu"] * ratio, 4)
     # seconds per optimizer step over each logging interval, in order (warm-up included): a run's slow stretches
     summary["logged_step_times_s"] = [h["step_time"] for h in hist if "step_time" in h]
     if evals:

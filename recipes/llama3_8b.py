@@ -1,0 +1,27 @@
+"""The seed fine-tune on Llama-3.1-8B-Instruct (GQA, 128k vocabulary): guanaco-llama2-1k rendered in
+Llama-3's chat format (the tokenizer's own template), QLoRA NF4, LoRA r=64 on q,v, batch 4, lr 2e-4.
+
+    accelerate launch src/train.py --recipe llama3_8b
+    accelerate launch src/train.py --recipe llama3_8b_fast                    # the same on lorafit's fast path
+    accelerate launch src/train.py --recipe llama3_8b --set model.name=/models/Llama-3.1-8B-Instruct \
+        --set data.path=/data/guanaco-llama2-1k
+"""
+
+import dataclasses
+
+from lorafit.recipe import load_recipe
+
+
+def recipe():
+    base = load_recipe("llama2_guanaco")
+    r = dataclasses.replace
+    return r(
+        base,
+        name="llama3_8b",
+        description="Llama-3.1-8B-Instruct + guanaco-llama2-1k in its own chat format, QLoRA NF4, r=64 on q,v",
+        model=r(base.model, name="meta-llama/Llama-3.1-8B-Instruct"),
+        # guanaco's rows are Llama-2 text; parsed into turns and rendered with this model's chat template, answers
+        # masked by that template's boundaries (lorafit.data.render), the pad token distinct from EOS (lorafit.model)
+        data=r(base.data, chat_template="tokenizer"),
+        output=r(base.output, dir="runs/llama3_8b"),
+    )

@@ -1,0 +1,11 @@
+"""mistral_7b on lorafit's fast path (lorafit.recipe.fast_path: packing, varlen attention, fused 4-bit layers, no
+recompute, Liger, sync-free AdamW); measured against TRL with Liger and fused AdamW in docs/benchmarks.md.
+
+    accelerate launch src/train.py --recipe mistral_7b_fast
+"""
+
+from lorafit.recipe import fast_path, load_recipe
+
+
+def recipe():
+    return fast_path(load_recipe("mistral_7b"), "mistral_7b_fast", "mistral_7b on the fast path")
