@@ -89,10 +89,17 @@ def test_restored_paged_optimizer_state_is_paged_again_on_the_last_gpu(tmp_path)
     assert torch.isfinite(p2).all() and not torch.equal(p2.detach().cpu(), torch.zeros(400, 300))
 
 
-@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 32, 128), (9, 3, 64)])  # Llama-2-7B; SmolLM2-135M (GQA)
-def test_varlen_kernel_matches_each_row_attended_alone(heads, kv_heads, dim):
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim,window",
+    # Llama-2-7B; SmolLM2-135M (GQA); Mistral's grouped 32/8 heads with a window (64) shorter than three of the rows
+    [(32, 32, 128, None), (9, 3, 64, None), (32, 8, 128, 64)],
+)
+def test_varlen_kernel_matches_each_row_attended_alone(heads, kv_heads, dim, window):
     """lorafit.attention's CUDA path (torch's varlen flash kernel) against each packed row attended alone by sdpa in
-    float32, forward and backward. bf16 operands: relative error between 1e-3 and 1e-2 expected (METHOD.md)."""
+    float32, forward and backward. bf16 operands: relative error between 1e-3 and 1e-2 expected (METHOD.md). With a
+    sliding window the reference masks each token to itself and the `window - 1` before it (transformers' rule), so
+    an off-by-one in the kernel's window_size would fail: these inputs through the reference with windows 63 and 65
+    differ from window 64 by 0.105 and 0.103 (computed on CPU), ten times the tolerance."""
     from lorafit import attention
 
     lens = [700, 1, 300, 1024, 57]
@@ -103,11 +110,11 @@ def test_varlen_kernel_matches_each_row_attended_alone(heads, kv_heads, dim):
         return torch.randn(sum(lens), h, dim, device="cuda", dtype=torch.bfloat16, generator=g)
 
     q, k, v = rand(heads).requires_grad_(), rand(kv_heads).requires_grad_(), rand(kv_heads).requires_grad_()
-    out = attention._flash_varlen(q, k, v, cu.cuda(), max(lens), dim ** -0.5)
+    out = attention._flash_varlen(q, k, v, cu.cuda(), max(lens), dim ** -0.5, window)
     grad_out = torch.randn(out.shape, device="cuda", dtype=torch.bfloat16, generator=g)
     out.backward(grad_out)
     ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    ref = attention._reference_varlen(*ref_in, cu, dim ** -0.5)
+    ref = attention._reference_varlen(*ref_in, cu, dim ** -0.5, window)
     ref.backward(grad_out.float())
 
     def rel(a, b):
