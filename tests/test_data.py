@@ -149,6 +149,19 @@ def test_pad_token_equal_to_eos_is_refused(tok):
         model.choose_pad_token(t, t.eos_token)
 
 
+def test_a_pad_token_outside_the_models_embedding_is_replaced(tok):
+    # Qwen2's tokenizer class names <|endoftext|> as pad even where the files lack it, one id past the model's
+    # embedding: padding with it would fail mid-step with an IndexError (seen with a tiny Qwen2 in test_families)
+    t = model.load_tokenizer(Recipe(), tok.name_or_path)
+    t.add_special_tokens({"pad_token": "<|endoftext|>"})
+    rows = len(t) - 1  # the model knows every id but the one just added
+    assert t.pad_token_id == rows
+    model.choose_pad_token(t, None, vocab_size=rows)
+    assert t.pad_token == t.unk_token and t.pad_token_id < rows
+    with pytest.raises(UserError, match="outside the model's"):
+        model.choose_pad_token(t, "<|endoftext|>", vocab_size=rows)
+
+
 def test_completion_only_off_trains_every_token(tok, guanaco_rows):
     conv = data.to_conversation(guanaco_rows[0], "llama2", DataConfig(format="llama2"))
     enc = data.Llama2Renderer(tok).encode(conv)

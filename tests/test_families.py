@@ -81,9 +81,12 @@ def test_answers_are_masked_by_the_family_template(family):
     enc = TemplateRenderer(tok).encode(Conversation([("What is 2 plus 2?", "It is 4.")]))
     answer = [t for t, m in zip(enc.input_ids, enc.completion_mask) if m]
     assert answer[-1] == tok.eos_token_id
-    assert tok.decode(answer[:-1]).strip() == "It is 4."
+    # the answer's own tokens, as this tokenizer spells them (the real Llama-2 tokenizer: "It is 4."; the word-level
+    # stand-in without ../shared: "<unk> is 4 ."): one token more or less in the mask would change the text
+    assert tok.decode(answer[:-1]).strip() == tok.decode(tok("It is 4.", add_special_tokens=False).input_ids).strip()
     prompt = tok.decode([t for t, m in zip(enc.input_ids, enc.completion_mask) if not m])
-    assert "What is 2 plus 2?" in prompt and "It is 4." not in prompt
+    spelled = lambda text: tok.decode(tok(text, add_special_tokens=False).input_ids)  # noqa: E731
+    assert spelled("What is 2 plus 2?") in prompt and spelled("It is 4.") not in prompt
 
 
 @pytest.mark.slow

@@ -424,3 +424,10 @@ def test_fsdp2_shards_the_4bit_base_as_bytes_with_no_device_map():
 def test_fsdp_refusals_say_what_to_use_instead(env, sets, message):
     with pytest.raises(UserError, match=re.escape(message)):
         gpu(guanaco(*sets), dist_env(2, 0, 0, **{**FSDP2_ENV, **env}), gpus=2)
+
+
+def test_fsdp2_refuses_a_torch_whose_fully_shard_cannot_hold_uint8():
+    # the GPU box's torch 2.11.0+cu130 failed inside fully_shard on the packed bytes (layout.FSDP2_MIN_TORCH's comment)
+    with pytest.raises(UserError, match=re.escape("needs torch >= 2.13 (torch 2.11.0+cu130 cannot shard")):
+        gpu(guanaco(), dist_env(2, 0, 0, **FSDP2_ENV), gpus=2, torch_version="2.11.0+cu130")
+    assert gpu(guanaco(), dist_env(2, 0, 0, **FSDP2_ENV), gpus=2, torch_version="2.13.0+cpu").kind == "fsdp2"

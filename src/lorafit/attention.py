@@ -137,7 +137,7 @@ def _reference_varlen(q, k, v, cu, scale, window: int | None = None):
     for s, e in zip(bounds[:-1], bounds[1:]):
         kw = {"is_causal": True}
         if window:
-            i = torch.arange(e - s)
+            i = torch.arange(e - s, device=q.device)
             kw = {"attn_mask": (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)}
         o = torch.nn.functional.scaled_dot_product_attention(
             q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), scale=scale, enable_gqa=gqa, **kw)

@@ -59,6 +59,7 @@ from typing import Any
 from lorafit.errors import UserError
 from lorafit.optim import BNB_OPTIMIZERS, optimizer_for_dtensor
 from lorafit.recipe import Recipe
+from lorafit.shard import check_fsdp_launch
 
 _PRECISION_OF = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 
@@ -152,6 +153,7 @@ def decide(
     gpu_count: int | None = None,
     shape=None,
     gpu_gib: float | None = None,
+    torch_version: str | None = None,
 ) -> Layout:
     """Decide the layout from the launch environment and the recipe; refuse what cannot work (UserError). The
     recipe's own cross-field rules were checked when it was loaded (Recipe.validate); these are the launch's."""
@@ -161,7 +163,7 @@ def decide(
 
         cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
         gpu_count = (torch.cuda.device_count() if cuda_available else 0) if gpu_count is None else gpu_count
-    launch = _launch(cfg, env, cuda_available, gpu_count)
+    launch = _launch(cfg, env, cuda_available, gpu_count, torch_version)
     _check_precision(cfg, env, launch, bf16_supported)
     notes: list[str] = []
     storage, device_map, gc_kwargs = _placement(cfg, launch, notes)
@@ -206,7 +208,8 @@ def decide(
     )
 
 
-def _launch(cfg: Recipe, env: Mapping[str, str], cuda_available: bool, gpu_count: int) -> _Launch:
+def _launch(cfg: Recipe, env: Mapping[str, str], cuda_available: bool, gpu_count: int,
+            torch_version: str | None) -> _Launch:
     """Where and how this process runs; refuses launches lorafit has no layout for."""
     world = int(env.get("WORLD_SIZE", "1"))
     rank = int(env.get("RANK", "0"))
@@ -214,7 +217,7 @@ def _launch(cfg: Recipe, env: Mapping[str, str], cuda_available: bool, gpu_count
     t = cfg.training
     fsdp = _truthy(env.get("ACCELERATE_USE_FSDP"))
     if fsdp:
-        _check_fsdp(env)
+        check_fsdp_launch(env, torch_version)
     if t.device == "cuda" and not cuda_available:
         raise UserError("training.device=cuda but no CUDA GPU is visible; use training.device=auto or cpu")
     on_cpu = t.device == "cpu" or _truthy(env.get("ACCELERATE_USE_CPU")) or not cuda_available
@@ -255,31 +258,6 @@ def _launch(cfg: Recipe, env: Mapping[str, str], cuda_available: bool, gpu_count
     kind = ("fsdp2" if fsdp else "zero3" if stage == 3 else "zero2" if stage == 2 else "ddp" if world > 1
             else "cpu" if on_cpu else "single")
     return _Launch(world, rank, local, on_cpu, ds, stage, kind, gpu_count)
-
-
-def _check_fsdp(env: Mapping[str, str]) -> None:
-    """FSDP2 with what works for a 4-bit base (lorafit.shard); everything else refused with what to use instead."""
-    if str(env.get("FSDP_VERSION", "1")) != "2":
-        raise UserError(
-            "FSDP version 1 is not a lorafit layout (its flat parameters need one dtype for the packed 4-bit weights "
-            "and the rest); use launch/fsdp2.yaml (FSDP2), or launch/zero3.yaml"
-        )
-    if _truthy(env.get("FSDP_CPU_RAM_EFFICIENT_LOADING")):
-        raise UserError(
-            "fsdp_cpu_ram_efficient_loading rebuilds every parameter from rank 0's state dict, which packed 4-bit "
-            "weights and their quantization state do not survive; set it to false (launch/fsdp2.yaml: each process "
-            "quantizes its copy onto its own GPU)"
-        )
-    if _truthy(env.get("FSDP_OFFLOAD_PARAMS")):
-        raise UserError(
-            "FSDP2 parameter offload is not a lorafit layout for a 4-bit base; use launch/zero3_offload.yaml, or "
-            "launch/fsdp2.yaml without offload"
-        )
-    if _truthy(env.get("FSDP_ACTIVATION_CHECKPOINTING")):
-        raise UserError(
-            "fsdp_activation_checkpointing would wrap the decoder layers a second time around lorafit's 4-bit units; "
-            "set it to false and use training.gradient_checkpointing (non-reentrant, which works with FSDP2)"
-        )
 
 
 def _check_precision(cfg: Recipe, env: Mapping[str, str], launch: _Launch, bf16_supported: bool | None) -> None:

@@ -30,24 +30,36 @@ def load_tokenizer(cfg: Recipe, source: str):
     except OSError as e:
         raise UserError(f"could not load the tokenizer from {tok_src}: {str(e).splitlines()[0]}; "
                         "give a local folder with --set model.tokenizer=PATH") from None
-    choose_pad_token(tok, cfg.model.pad_token)
+    choose_pad_token(tok, cfg.model.pad_token, model_vocab_size(cfg, source))
     tok.padding_side = "right"
     return tok
 
 
-def choose_pad_token(tok, wanted: str | None) -> None:
+def choose_pad_token(tok, wanted: str | None, vocab_size: int | None = None) -> None:
+    """Sets tok.pad_token: the recipe's model.pad_token, else the tokenizer's own if it is neither EOS nor outside
+    the model's embedding (`vocab_size` rows, when known), else an existing special token (below)."""
+
+    def outside(token_id) -> bool:
+        # A tokenizer class can name a pad token the model has no embedding row for (Qwen2's tokenizer adds
+        # <|endoftext|> when the files lack it): padding with it fails mid-step with an IndexError in the embedding.
+        return vocab_size is not None and token_id is not None and token_id >= vocab_size
+
     if wanted is not None:
         if wanted not in tok.get_vocab():
             raise UserError(f"model.pad_token={wanted!r} is not in the tokenizer's vocabulary")
+        if outside(tok.convert_tokens_to_ids(wanted)):
+            raise UserError(f"model.pad_token={wanted!r} has id {tok.convert_tokens_to_ids(wanted)}, outside the "
+                            f"model's {vocab_size}-row embedding; pick a token the model knows")
         tok.pad_token = wanted
-    elif tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+    elif tok.pad_token is None or tok.pad_token_id == tok.eos_token_id or outside(tok.pad_token_id):
         # Padding with EOS would mask every EOS out of the loss in collators that mask pad ids, and the model would
         # never learn to stop. Prefer an existing special token so the vocabulary does not change: the unknown token
         # (Llama-2, Mistral: <unk>), else one made for padding (Llama-3.1: <|finetune_right_pad_id|>), else any.
         added = getattr(tok, "added_tokens_decoder", {}) or {}
         padding = sorted(str(t) for t in added.values() if getattr(t, "special", False) and "pad" in str(t).lower())
         for cand in (tok.unk_token, *padding, *getattr(tok, "all_special_tokens", [])):
-            if cand is not None and tok.convert_tokens_to_ids(cand) not in (tok.eos_token_id, tok.bos_token_id):
+            cand_id = tok.convert_tokens_to_ids(cand) if cand is not None else None
+            if cand_id is not None and cand_id not in (tok.eos_token_id, tok.bos_token_id) and not outside(cand_id):
                 tok.pad_token = cand
                 break
         else:
@@ -55,6 +67,19 @@ def choose_pad_token(tok, wanted: str | None) -> None:
                             "a token of its vocabulary")
     if tok.pad_token_id == tok.eos_token_id:
         raise UserError(f"model.pad_token={tok.pad_token!r} equals the EOS token; pick another so EOS is learned")
+
+
+def model_vocab_size(cfg: Recipe, source: str) -> int | None:
+    """The model's embedding rows from its config.json (no weights read), or None where the config cannot be read
+    here (from_pretrained then reports the problem)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, revision=cfg.model.revision,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    return getattr(config.get_text_config(), "vocab_size", None)
 
 
 def quantization_config(cfg: Recipe, layout: Layout):

@@ -19,7 +19,60 @@ FSDP2's own (which gathers the unit), points the module's quantization state at 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from lorafit.errors import UserError
+
 ABSMAX = "lorafit_absmax_bytes"  # the parameter holding a 4-bit linear's absmax scales, as bytes
+
+
+
+def _on(v: str | None) -> bool:
+    return str(v).lower() in ("1", "true", "yes")
+
+
+# FSDP2 holds the packed 4-bit bytes as uint8 parameters. torch 2.11's fully_shard creates each sharded parameter
+# requiring gradients and turns that off afterwards, which an integer tensor refuses ("only Tensors of floating point
+# dtype can require gradients": a one-GPU FSDP2 run on an H100 with torch 2.11.0+cu130, 2026-12-06); torch 2.13 passes
+# requires_grad through (the CPU tests). 2.12 is untested, so refused with 2.11.
+FSDP2_MIN_TORCH = (2, 13)
+
+
+def check_fsdp_launch(env: Mapping[str, str], torch_version: str | None) -> None:
+    """Refuses an FSDP launch (accelerate's environment) that cannot shard a 4-bit base correctly: the layout asks
+    this before anything loads. torch_version: the installed one when None."""
+    if torch_version is None:
+        from importlib.metadata import version
+
+        torch_version = version("torch")
+    major, minor = (int(x) for x in torch_version.split("+")[0].split(".")[:2])
+    if (major, minor) < FSDP2_MIN_TORCH:
+        raise UserError(
+            f"FSDP2 with a 4-bit base needs torch >= {'.'.join(map(str, FSDP2_MIN_TORCH))} (torch {torch_version} "
+            "cannot shard the packed uint8 weights); install a newer torch, or use launch/zero3.yaml"
+        )
+    """FSDP2 with what works for a 4-bit base (lorafit.shard); everything else refused with what to use instead."""
+    if str(env.get("FSDP_VERSION", "1")) != "2":
+        raise UserError(
+            "FSDP version 1 is not a lorafit layout (its flat parameters need one dtype for the packed 4-bit weights "
+            "and the rest); use launch/fsdp2.yaml (FSDP2), or launch/zero3.yaml"
+        )
+    if _on(env.get("FSDP_CPU_RAM_EFFICIENT_LOADING")):
+        raise UserError(
+            "fsdp_cpu_ram_efficient_loading rebuilds every parameter from rank 0's state dict, which packed 4-bit "
+            "weights and their quantization state do not survive; set it to false (launch/fsdp2.yaml: each process "
+            "quantizes its copy onto its own GPU)"
+        )
+    if _on(env.get("FSDP_OFFLOAD_PARAMS")):
+        raise UserError(
+            "FSDP2 parameter offload is not a lorafit layout for a 4-bit base; use launch/zero3_offload.yaml, or "
+            "launch/fsdp2.yaml without offload"
+        )
+    if _on(env.get("FSDP_ACTIVATION_CHECKPOINTING")):
+        raise UserError(
+            "fsdp_activation_checkpointing would wrap the decoder layers a second time around lorafit's 4-bit units; "
+            "set it to false and use training.gradient_checkpointing (non-reentrant, which works with FSDP2)"
+        )
 
 
 def _absmax_to_quant_state(module, args):
