@@ -1,6 +1,7 @@
 """Loss parity of the fast path against the seed settings, on identical batches of a real pretrained model.
 
     . .gpu/env.sh; python3 bench/loss_parity.py --model DIR_OR_GGUF --data $GUANACO_1K --out $OUT/parity --steps 50
+    . .gpu/env.sh; python3 bench/loss_parity.py ... --fp8       # also the fast side with the base's matmuls in FP8
 
 The reference is `llama2_guanaco` (seed settings: padded batches, sdpa, gradient checkpointing, no Liger; TRL's own
 fused LM head). The other
@@ -36,6 +37,9 @@ SIDES = {
     "seed": ("llama2_guanaco", [], "indexed_lm_head"),
     "fast_padding_free": ("llama2_guanaco_fast", ["data.packing=false", "data.padding_free=true"], ""),
 }
+# --fp8: the same fast side with the base's matmuls in FP8 (quantization.fp8_matmuls), also against the seed
+FP8_SIDE = ("llama2_guanaco_fast", ["data.packing=false", "data.padding_free=true", "quantization.fp8_matmuls=true"],
+            "")
 
 
 def model_sets(model: str) -> list[str]:
@@ -79,6 +83,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--dropouts", default="0.1,0", help="LoRA dropouts to run a pair at")
     p.add_argument("--packed", action="store_true", help="also run the shipped fast recipe (packed) for its loss")
+    p.add_argument("--fp8", action="store_true", help="also run the fast side with quantization.fp8_matmuls=true")
+    p.add_argument("--sides", default="", help="comma-separated subset of the sides to run (default: all)")
     p.add_argument("--extra", nargs="*", default=[], help="k=v overrides for every run")
     p.add_argument("--scratch", default="/tmp/lorafit-loss-parity")
     a = p.parse_args()
@@ -86,9 +92,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     common = model_sets(a.model) + [f"data.path={a.data}", f"training.max_steps={a.steps}", *a.extra]
     res: dict = {"model": a.model, "steps": a.steps, "goal_mean_rel_diff": GOAL_MEAN_REL, "pairs": {}}
+    sides = {**SIDES, **({"fast_fp8": FP8_SIDE} if a.fp8 else {})}
+    if a.sides:
+        sides = {k: v for k, v in sides.items() if k in a.sides.split(",") or k == "seed"}
     for dropout in a.dropouts.split(","):
         curves, rcs, summaries = {}, {}, {}
-        for side, (recipe, sets, off) in SIDES.items():
+        for side, (recipe, sets, off) in sides.items():
             name = f"{side}-dropout{dropout}"
             run_dir = Path(a.scratch) / name
             t0 = time.time()
@@ -100,11 +109,16 @@ def main() -> None:
                                                          "steady_tokens_per_second", "peak_gpu_memory_gib")}
                 summaries[side]["wall_s"] = round(time.time() - t0, 1)
         pair = {"rc": rcs, "curves": curves, "summaries": summaries}
-        if len(curves) == 2:
-            pair.update(compare(curves["seed"], curves["fast_padding_free"]))
+        for other in (s for s in sides if s != "seed"):
+            if "seed" not in curves or other not in curves:
+                continue
+            got = compare(curves["seed"], curves[other])
             # identical batches: the same real tokens in every step, so the totals must match exactly
-            pair["same_tokens"] = summaries["seed"]["tokens_seen"] == summaries["fast_padding_free"]["tokens_seen"]
-            pair["pass"] = pair["pass"] and pair["same_tokens"]
+            got["same_tokens"] = summaries["seed"]["tokens_seen"] == summaries[other]["tokens_seen"]
+            got["pass"] = got["pass"] and got["same_tokens"]
+            if other == "fast_padding_free":  # its verdict at the top level, as before; every side's under its name
+                pair.update(got)
+            pair[f"vs_seed_{other}"] = got
         res["pairs"][f"dropout{dropout}"] = pair
         print(json.dumps({k: v for k, v in pair.items() if k != "curves"}), flush=True)
     if a.packed:

@@ -257,3 +257,62 @@ def test_triton_dequantize_is_bitsandbytes_bit_for_bit(dtype):
         got = fused._triton_dequantize(q, qs)
         assert got.dtype == want.dtype and got.shape == want.shape
         assert torch.equal(got, want), (shape, (got.float() - want.float()).abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 needs compute capability 8.9+")
+@pytest.mark.parametrize("nested", [False, True])
+def test_fp8_kernels_are_the_torch_reference_bit_for_bit(monkeypatch, nested):
+    """lorafit.fp8's Triton kernels (NF4 -> e4m3, row and transposed; row-wise scaling of activations) against its
+    torch reference (tests/test_fp8.py checks that one against bitsandbytes and e4m3's definition), bit for bit, at a
+    7B's q_proj and mlp sizes and at sizes that end mid-tile; then the FP8 GEMMs on a token count that is not a
+    multiple of 16, equal to the product of the quantized operands (float32 accumulation: rtol 1e-3 for K <= 11008)."""
+    import bitsandbytes.functional as F
+
+    from lorafit import fp8
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, k in [(4096, 4096), (11008, 4096), (4096, 11008), (528, 320)]:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+        q, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
+        q.quant_state = qs
+        x = torch.randn(4093, k, device="cuda", dtype=torch.bfloat16, generator=g)
+        gy = torch.randn(4093, n, device="cuda", dtype=torch.bfloat16, generator=g)
+        got = [fp8.weight_e4m3(q, False), fp8.weight_e4m3(q, True), fp8.rowwise(x), fp8.rowwise(gy)]
+        y, gx = fp8.linear(x, q, torch.bfloat16), fp8.grad_input(gy, q, torch.bfloat16)
+        monkeypatch.setattr(fp8, "_has_triton", lambda: False)
+        want = [fp8.weight_e4m3(q, False), fp8.weight_e4m3(q, True), fp8.rowwise(x), fp8.rowwise(gy)]
+        monkeypatch.undo()
+        for (a, sa), (b, sb) in zip(got, want):
+            assert a.dtype == b.dtype == torch.float8_e4m3fn and a.shape == b.shape and torch.equal(sa, sb)
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (n, k)
+        (wq, sw), (wtq, swt), (xq, sx), (gq, sg) = want
+        ref_y = (xq.float() * sx) @ (wq.float() * sw.t()).t()
+        ref_gx = (gq.float() * sg) @ (wtq.float() * swt.t()).t()
+        for a, b in ((y, ref_y), (gx, ref_gx)):
+            assert ((a.float() - b).norm() / b.norm()).item() < 1e-3, (n, k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 needs compute capability 8.9+")
+def test_fused_fp8_layer_stays_near_its_bf16_twin_on_gpu(monkeypatch):
+    """A 7B-sized fused LoRA layer (bf16 adapters, dropout 0) with quantization.fp8_matmuls against the same layer in
+    bf16: output, input gradient and LoRA gradients within 6% relative norm (each FP8 operand is off by at most 1/16
+    per element, random in sign; tests/test_fp8.py), and not equal (the FP8 path ran)."""
+    from test_fused import peft_pair
+
+    from lorafit import fused
+
+    ref, ours = peft_pair("cuda", torch.bfloat16, n_in=4096, n_out=4096, r=64)
+    fused.install(ref)
+    fused.install(ours, fp8_matmuls=True)
+    x = torch.randn(2, 2048, 4096, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for net in (ref, ours):
+        xi = x.clone().requires_grad_(True)
+        y = net(xi)
+        y.float().square().sum().backward()
+        outs.append((y.detach(), xi.grad, *[p.grad for p in net.parameters() if p.requires_grad]))
+    for a, b in zip(*outs):
+        rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
+        assert 0 < rel < 0.06, rel

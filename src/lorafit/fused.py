@@ -26,6 +26,9 @@ to the host).
 byte looked up in the 16-value NF4 table and scaled by their block's absmax, in float32, rounded once to the output
 dtype, the arithmetic of bitsandbytes' kernel (the GPU test compares the two bit for bit).
 
+`quantization.fp8_matmuls=true` runs the base's two GEMMs (forward, input gradient) in FP8 e4m3 instead, the NF4
+weight dequantized straight to FP8 with row-wise scales (lorafit.fp8); the LoRA matmuls stay in the compute dtype.
+
 The fused function runs only where it computes exactly what PEFT would: training with grad enabled, one active
 vanilla LoRA adapter (no DoRA or other variant, no lora bias, not merged, adapters enabled), no extra forward
 arguments, and the adapter's dtype equal to the activations' (bf16 after TRL's cast on a GPU) or float32 activations
@@ -37,6 +40,8 @@ library's own forward.
 from __future__ import annotations
 
 import functools
+
+from lorafit import fp8
 
 
 def _dequantize(weight, dtype, kernel: str = "bitsandbytes"):
@@ -112,10 +117,16 @@ def _function_class():
 
         @staticmethod
         def forward(ctx, x, lora_a, lora_b, weight, bias, scale: float, p: float, keep: bool,
-                    kernel: str = "bitsandbytes"):
-            w = _dequantize(weight, x.dtype, kernel)
+                    kernel: str = "bitsandbytes", use_fp8: bool = False):
             x2 = x.reshape(-1, x.shape[-1])
-            out = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x2, w.t())
+            w = None
+            if use_fp8:  # the base GEMM in FP8 (lorafit.fp8); the LoRA half below stays in x's dtype
+                out = fp8.linear(x2, weight, x.dtype)
+                if bias is not None:
+                    out.add_(bias.to(x.dtype))
+            else:
+                w = _dequantize(weight, x.dtype, kernel)
+                out = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x2, w.t())
             xd = mask = h = a = b = None
             if lora_a is not None:
                 a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # no-ops when the dtypes match (a GPU run)
@@ -126,6 +137,7 @@ def _function_class():
                 h = torch.mm(xd, a.t())  # (tokens, r)
                 out.addmm_(h, b.t(), alpha=scale)  # the scale and the add ride in the GEMM epilogue
             ctx.scale, ctx.p, ctx.weight, ctx.has_bias, ctx.kernel = scale, p, weight, bias is not None, kernel
+            ctx.use_fp8 = use_fp8
             ctx.adapter_dtype = None if lora_a is None else lora_a.dtype
             ctx.save_for_backward(xd, mask, h, a, b, w if keep else None)
             return out.view(*x.shape[:-1], out.shape[-1])
@@ -136,7 +148,9 @@ def _function_class():
             g2 = g.reshape(-1, g.shape[-1])
             need_x, need_a, need_b, _, need_bias = ctx.needs_input_grad[:5]
             gx = ga = gb = gbias = None
-            if need_x:
+            if need_x and ctx.use_fp8:
+                gx = fp8.grad_input(g2, ctx.weight, g2.dtype)  # (tokens, in)
+            elif need_x:
                 w = _dequantize(ctx.weight, g2.dtype, ctx.kernel) if w is None else w
                 gx = torch.mm(g2, w)  # (tokens, in)
             if a is not None and (need_x or need_a or need_b):
@@ -155,7 +169,7 @@ def _function_class():
                 gbias = g2.sum(0)
             if gx is not None:
                 gx = gx.view(*g.shape[:-1], gx.shape[-1])
-            return gx, ga, gb, None, gbias, None, None, None, None
+            return gx, ga, gb, None, gbias, None, None, None, None, None
 
     return NF4LoRALinear
 
@@ -184,6 +198,7 @@ def _classes():
     class FusedFrozen4bit(bnb.nn.Linear4bit):
         keep_dequantized = False
         dequant_kernel = "bitsandbytes"
+        fp8_matmuls = False
 
         def forward(self, x):
             if not torch.is_grad_enabled():
@@ -192,11 +207,12 @@ def _classes():
             if not plain_4bit(self, x) or (self.bias is not None and self.bias.requires_grad):
                 return super().forward(x)
             return fn.apply(x, None, None, self.weight, self.bias, 1.0, 0.0, self.keep_dequantized,
-                            self.dequant_kernel)
+                            self.dequant_kernel, self.fp8_matmuls and fp8.applies(self.weight, x))
 
     class FusedLoRA4bit(PeftLinear4bit):
         keep_dequantized = False
         dequant_kernel = "bitsandbytes"
+        fp8_matmuls = False
 
         def forward(self, x, *args, **kwargs):
             base = self.base_layer
@@ -217,7 +233,8 @@ def _classes():
             drop = self.lora_dropout[name]
             p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
             return fn.apply(x, a.weight, b.weight, base.weight, base.bias, float(self.scaling[name]), p,
-                            self.keep_dequantized, self.dequant_kernel)
+                            self.keep_dequantized, self.dequant_kernel,
+                            self.fp8_matmuls and fp8.applies(base.weight, x))
 
     return FusedFrozen4bit, FusedLoRA4bit
 
@@ -233,22 +250,25 @@ def counts(model) -> dict[str, int]:
     return got
 
 
-def install(model, keep_dequantized: bool = False, dequant_kernel: str = "bitsandbytes") -> dict[str, int]:
-    """Switch every 4-bit linear of `model` (a PEFT model) to the fused forward; returns how many of each kind."""
+def install(model, keep_dequantized: bool = False, dequant_kernel: str = "bitsandbytes",
+            fp8_matmuls: bool = False) -> dict[str, int]:
+    """Switch every 4-bit linear of `model` (a PEFT model) to the fused forward; returns how many of each kind.
+    fp8_matmuls: the base's forward and input-gradient GEMMs in FP8 where lorafit.fp8 applies."""
     import bitsandbytes as bnb
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
     frozen_cls, lora_cls = _classes()
     counts = {"lora": 0, "frozen": 0}
     for m in model.modules():
-        if type(m) is PeftLinear4bit:
+        if type(m) in (PeftLinear4bit, lora_cls):  # installing again sets the options
             m.__class__ = lora_cls
             counts["lora"] += 1
-        elif type(m) is bnb.nn.Linear4bit:
+        elif type(m) in (bnb.nn.Linear4bit, frozen_cls):
             m.__class__ = frozen_cls
             counts["frozen"] += 1
         else:
             continue
         m.keep_dequantized = keep_dequantized
         m.dequant_kernel = dequant_kernel
+        m.fp8_matmuls = fp8_matmuls
     return counts

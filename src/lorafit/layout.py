@@ -44,6 +44,7 @@ Why:
   (quantization.keep_dequantized) need a run without recompute and offloading.
 - The fused layers' NF4 dequantize is bitsandbytes' kernel unless quantization.dequant_kernel=triton asks for
   lorafit's, which runs on a GPU with Triton (a CPU run keeps bitsandbytes', with a note).
+- quantization.fp8_matmuls runs inside the fused layers (off where they are) and needs FP8 tensor cores (8.9+).
 - The training loss's LM head runs on positions the collator indexes on the host (lorafit.lm_head, no device sync)
   everywhere but ZeRO-3, whose sharded head weight TRL's fused head gathers first.
 """
@@ -86,6 +87,7 @@ class Layout:
     keep_dequantized: bool = False  # ... and keeps their 16-bit weights for the backward
     indexed_lm_head: bool = True  # the training loss's LM head on host-indexed positions (lorafit.lm_head)
     dequant_kernel: str = "bitsandbytes"  # the fused layers' NF4 dequantize: bitsandbytes | triton (lorafit.fused)
+    fp8_matmuls: bool = False  # the fused layers' base GEMMs in FP8 (quantization.fp8_matmuls, lorafit.fp8)
     optimizer: str = ""  # training.optimizer, or its torch twin where the layout cannot run bitsandbytes' (FSDP2)
     notes: list[str] = field(default_factory=list)
 
@@ -154,6 +156,7 @@ def decide(
     shape=None,
     gpu_gib: float | None = None,
     torch_version: str | None = None,
+    gpu_capability: tuple[int, int] | None = None,
 ) -> Layout:
     """Decide the layout from the launch environment and the recipe; refuse what cannot work (UserError). The
     recipe's own cross-field rules were checked when it was loaded (Recipe.validate); these are the launch's."""
@@ -176,6 +179,7 @@ def decide(
         )
     gc = _checkpointing(cfg, launch, shape, gpu_gib, notes)
     fused, keep, dequant = _fused_layers(cfg, launch, gc, notes)
+    use_fp8 = _fp8(cfg, launch, fused, gpu_capability, notes)
     optimizer = _optimizer(cfg, launch, notes)
     t = cfg.training
     return Layout(
@@ -203,6 +207,7 @@ def decide(
         # ZeRO-3 shards the LM head's weight: TRL's fused head gathers it, the indexed head would read the shard
         indexed_lm_head=launch.kind != "zero3",
         dequant_kernel=dequant,
+        fp8_matmuls=use_fp8,
         optimizer=optimizer,
         notes=notes,
     )
@@ -364,6 +369,17 @@ def _fused_layers(cfg: Recipe, launch: _Launch, gc: bool, notes: list[str]) -> t
             why = "no fused layers here" if not fused else "a CPU run" if launch.on_cpu else "Triton is not installed"
             notes.append(f"quantization.dequant_kernel=bitsandbytes: {why}")
     return fused, keep, dequant
+
+
+def _fp8(cfg: Recipe, launch: _Launch, fused: bool, capability, notes: list[str]) -> bool:
+    if cfg.quantization.fp8_matmuls and not fused:
+        notes.append("quantization.fp8_matmuls off: it runs inside the fused layers, which this layout turns off")
+    if not (cfg.quantization.fp8_matmuls and fused):
+        return False
+    from lorafit import fp8
+
+    fp8.check_device(None if launch.on_cpu else launch.local, capability, notes)
+    return True
 
 
 def _optimizer(cfg: Recipe, launch: _Launch, notes: list[str]) -> str:

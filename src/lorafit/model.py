@@ -162,10 +162,12 @@ def load_model(cfg: Recipe, layout: Layout, source: str, tokenizer):
     if layout.fused_4bit:
         from lorafit import fused
 
-        n = fused.install(model, keep_dequantized=layout.keep_dequantized, dequant_kernel=layout.dequant_kernel)
-        log.info("fused 4-bit layers: %d with LoRA, %d frozen%s%s", n["lora"], n["frozen"],
+        n = fused.install(model, keep_dequantized=layout.keep_dequantized, dequant_kernel=layout.dequant_kernel,
+                          fp8_matmuls=layout.fp8_matmuls)
+        log.info("fused 4-bit layers: %d with LoRA, %d frozen%s%s%s", n["lora"], n["frozen"],
                  " (16-bit weights kept for the backward)" if layout.keep_dequantized else "",
-                 ", Triton dequantize" if layout.dequant_kernel == "triton" else "")
+                 ", Triton dequantize" if layout.dequant_kernel == "triton" else "",
+                 ", base matmuls in FP8" if layout.fp8_matmuls else "")
     if cfg.training.liger_kernels and layout.device != "cpu":
         apply_liger_kernels(model)
     if layout.kind == "fsdp2":

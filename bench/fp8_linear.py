@@ -1,0 +1,91 @@
+"""One fused NF4 LoRA layer, bf16 against FP8 base matmuls (quantization.fp8_matmuls), at Llama-2-7B's linear sizes:
+forward + backward time per call, and each FP8 piece alone (NF4 -> e4m3 weight, transposed weight, row-wise scaling
+of the activations, the scaled GEMM) against the bf16 pieces (bitsandbytes' dequantize, torch.mm). Microseconds per
+call, CUDA events, after warm-up.
+
+    . .gpu/env.sh; CUDA_VISIBLE_DEVICES=0 python3 bench/fp8_linear.py --out $OUT/fp8_linear.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import bitsandbytes.functional as F
+import torch
+
+from lorafit import fp8, fused
+
+SIZES = {"q_proj": (4096, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}  # (out, in)
+
+
+def timed(fn, iters: int) -> float:
+    for _ in range(5):
+        fn()  # warm-up: Triton compiles on the first call
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()  # host-device sync: the timing events
+    return start.elapsed_time(end) * 1e3 / iters  # us per call
+
+
+def layer_step(n_out, n_in, tokens, use_fp8, iters):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_fused import peft_pair
+
+    _, net = peft_pair("cuda", torch.bfloat16, n_in=n_in, n_out=n_out, r=64)
+    fused.install(net, fp8_matmuls=use_fp8)
+    x = torch.randn(1, tokens, n_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(1, tokens, n_out, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        net(x).backward(g)
+
+    return timed(step, iters)
+
+
+def pieces(n: int, k: int, tokens: int, iters: int) -> dict:
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    q, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    q.quant_state = qs
+    x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+    wb = F.dequantize_4bit(q, qs)
+    xq, sx = fp8.rowwise(x)
+    wq, sw = fp8.weight_e4m3(q, False)
+    row = {
+        "bf16_dequantize": timed(lambda: F.dequantize_4bit(q, qs), iters),
+        "bf16_mm": timed(lambda: torch.mm(x, wb.t()), iters),
+        "fp8_weight": timed(lambda: fp8.weight_e4m3(q, False), iters),
+        "fp8_weight_t": timed(lambda: fp8.weight_e4m3(q, True), iters),
+        "fp8_rowwise_x": timed(lambda: fp8.rowwise(x), iters),
+        "fp8_scaled_mm": timed(lambda: torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw,
+                                                        out_dtype=torch.bfloat16), iters),
+        "layer_fwd_bwd_bf16": layer_step(n, k, tokens, False, iters),
+        "layer_fwd_bwd_fp8": layer_step(n, k, tokens, True, iters),
+    }
+    row["layer_speedup"] = row["layer_fwd_bwd_bf16"] / row["layer_fwd_bwd_fp8"]
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--iters", type=int, default=50)
+    a = p.parse_args()
+    res = {"device": torch.cuda.get_device_name(), "tokens": a.tokens, "us_per_call": {}}
+    for name, (n, k) in SIZES.items():
+        row = pieces(n, k, a.tokens, a.iters)
+        res["us_per_call"][name] = {k2: round(v, 2) for k2, v in row.items()}
+        print(name, json.dumps(res["us_per_call"][name]), flush=True)
+    with open(a.out, "w") as fh:
+        json.dump(res, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

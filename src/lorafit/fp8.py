@@ -1,0 +1,241 @@
+"""FP8 (e4m3) matmuls for the frozen NF4 base: the fused layers' base GEMMs at Hopper's FP8 rate, NF4 storage kept.
+
+    accelerate launch src/train.py --recipe llama2_guanaco_fast --set quantization.fp8_matmuls=true
+
+Why lorafit writes this: torchao's float8 training converts nn.Linear modules whose weights are 16-bit parameters
+(and is not in the stack); a bitsandbytes 4-bit weight is none of those, and no library turns NF4 codes into FP8. The
+GEMMs are torch's own (`torch._scaled_mm`, row-wise scales); lorafit supplies the operands.
+
+What it computes, for a base weight W (out x in) stored as NF4 codes c with one absmax a per block of `blocksize`
+consecutive values of a row (W[n, k] = c * a, c in NF4's table, which spans [-1, 1]):
+- forward y = x W^T: x quantized per token (row) to e4m3 with scale max|x_row| / 448; W straight from its codes to
+  e4m3 per output row n with scale s_n = max(a over row n's blocks) / 448, so |c * a / s_n| <= 448, e4m3's largest.
+- input gradient dx = g W: g per token as x; W^T (in x out, the layout the GEMM wants) with one scale per column
+  block j of W, max(a over the blocks in column block j) / 448, so again nothing exceeds 448.
+- LoRA's own matmuls stay in the compute dtype (lorafit.fused); the output is rounded once to it.
+e4m3 keeps 3 mantissa bits, a relative rounding of at most 1/16 per operand (the same size as NF4's own error
+between neighbouring codes, and random in sign); the per-row scales keep one outlier token or row from costing the
+others their precision. The effect on the loss is measured in docs/benchmarks.md (bench/loss_parity.py --fp8).
+
+Every value is computed as (c * a) * (448 / s) in float32 and rounded once to e4m3, on every path: the Triton kernels
+on a GPU and the torch reference (a CPU run, and what tests/test_gpu.py checks the kernels against bit for bit). The
+reciprocals are taken in torch, so neither path divides.
+"""
+
+from __future__ import annotations
+
+import functools
+
+E4M3_MAX = 448.0
+MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) on
+
+
+def check_device(gpu: int | None, capability: tuple[int, int] | None, notes: list[str]) -> None:
+    """Refuse (one line) a GPU without FP8 tensor cores; a CPU run gets a note (torch's reference path, slow)."""
+    if gpu is None:
+        notes.append("quantization.fp8_matmuls on a CPU: torch's reference path (correct, not fast)")
+        return
+    if capability is None:
+        import torch
+
+        capability = torch.cuda.get_device_capability(gpu)
+    if tuple(capability) < MIN_CAPABILITY:
+        from lorafit.errors import UserError
+
+        raise UserError(f"quantization.fp8_matmuls=true needs FP8 tensor cores (compute capability "
+                        f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+: Ada, Hopper); this GPU is "
+                        f"{capability[0]}.{capability[1]}; set quantization.fp8_matmuls=false")
+
+
+def applies(weight, x) -> bool:
+    """Whether this 4-bit weight and input can take the FP8 path (else the compute-dtype path runs): NF4, whole
+    blocks per row, and the 16-element alignment FP8 GEMMs need on the two inner dimensions."""
+    qs = weight.quant_state
+    n, k = qs.shape
+    return (qs.quant_type == "nf4" and k % qs.blocksize == 0 and k % 16 == 0 and n % 16 == 0
+            and x.shape[-1] == k and (x.device.type == "cpu" or _capability(x.device) >= MIN_CAPABILITY))
+
+
+@functools.cache
+def _capability(device) -> tuple[int, int]:
+    import torch
+
+    return torch.cuda.get_device_capability(device)
+
+
+def linear(x2, weight, out_dtype):
+    """x2 (tokens, in) @ W^T in FP8; (tokens, out) in out_dtype."""
+    import torch
+
+    xq, sx = rowwise(x2)
+    wq, sw = weight_e4m3(weight, transpose=False)  # (out, in), scales (1, out)
+    return torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw, out_dtype=out_dtype)
+
+
+def grad_input(g2, weight, out_dtype):
+    """g2 (tokens, out) @ W in FP8; (tokens, in) in out_dtype."""
+    import torch
+
+    gq, sg = rowwise(g2)
+    wtq, swt = weight_e4m3(weight, transpose=True)  # (in, out), scales (1, in)
+    return torch._scaled_mm(gq, wtq.t(), scale_a=sg, scale_b=swt, out_dtype=out_dtype)
+
+
+def rowwise(t):
+    """t (rows, cols) -> (e4m3 (rows, cols), float32 scales (rows, 1)) with t ~= q * scale, each row's largest
+    magnitude at 448. An all-zero row gets scale 1 (its codes are zeros)."""
+    import torch
+
+    amax = torch.linalg.vector_norm(t, float("inf"), dim=1, keepdim=True, dtype=torch.float32)
+    amax = torch.where(amax > 0, amax, E4M3_MAX)
+    inv = E4M3_MAX / amax
+    scale = amax / E4M3_MAX
+    if t.is_cuda and _has_triton():
+        return _triton_scale_rows(t, inv), scale
+    return (t.float() * inv).to(torch.float8_e4m3fn), scale
+
+
+def weight_e4m3(weight, transpose: bool):
+    """A 4-bit weight's values in e4m3: (out, in) with (1, out) scales, or transposed (in, out) with (1, in)."""
+    import torch
+
+    inv_rows, scale_rows, inv_cols, scale_cols = _scales(weight)
+    qs = weight.quant_state
+    if weight.is_cuda and _has_triton():
+        return _triton_weight(weight, qs, inv_cols if transpose else inv_rows, transpose), (
+            scale_cols if transpose else scale_rows)
+    n, k = qs.shape
+    vals = nf4_values(weight, qs).view(n, k)  # c * a in float32
+    if transpose:
+        q = (vals * inv_cols.repeat_interleave(qs.blocksize)[None, :]).t().contiguous()
+        return q.to(torch.float8_e4m3fn), scale_cols
+    return (vals * inv_rows[:, None]).to(torch.float8_e4m3fn), scale_rows
+
+
+def nf4_values(weight, qs):
+    """The NF4 weight's values c * a in float32, flat, as bitsandbytes' dequantize computes them before rounding to
+    its output dtype (the high nibble of each byte is the first of its pair)."""
+    import torch
+
+    b = weight.reshape(-1)
+    codes = torch.stack([b >> 4, b & 15], dim=1).reshape(-1).long()
+    return qs.code.float()[codes] * absmax(qs).repeat_interleave(qs.blocksize)[: codes.numel()]
+
+
+def absmax(qs):
+    """The per-block absmax in float32 (double quantization stores it 8-bit, with its own state and an offset)."""
+    if not qs.nested:
+        return qs.absmax.float()
+    import bitsandbytes.functional as bnbf
+
+    return (bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
+
+
+def _scales(weight):
+    """(448 / s_row (out,), s_row as (1, out), 448 / s_colblock (in / blocksize,), s_col as (1, in)), computed once per
+    weight (the base is frozen) and kept on the parameter."""
+    got = getattr(weight, "_lorafit_fp8_scales", None)
+    if got is not None and got[0].device == weight.device:
+        return got
+    import torch
+
+    qs = weight.quant_state
+    n, k = qs.shape
+    blocks = absmax(qs).view(n, k // qs.blocksize)
+    tiny = torch.finfo(torch.float32).tiny
+    row_max = blocks.amax(1).clamp_min(tiny)
+    col_max = blocks.amax(0).clamp_min(tiny)
+    got = (E4M3_MAX / row_max, (row_max / E4M3_MAX)[None, :], E4M3_MAX / col_max,
+           (col_max / E4M3_MAX).repeat_interleave(qs.blocksize)[None, :])
+    weight._lorafit_fp8_scales = got
+    return got
+
+
+@functools.cache
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def scale_rows(src, inv, out, cols, BLOCK: tl.constexpr):
+        # one row per program, BLOCK columns at a time: out = e4m3(float32(src) * inv[row])
+        row = tl.program_id(0)
+        s = tl.load(inv + row)
+        for start in range(0, cols, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < cols
+            v = tl.load(src + row * cols + offs, mask=m, other=0.0).to(tl.float32)
+            tl.store(out + row * cols + offs, (v * s).to(tl.float8e4nv), mask=m)
+
+    @triton.jit
+    def nf4_to_e4m3(packed, absmax, table, inv, out, N, K, QBLOCK: tl.constexpr, TRANSPOSE: tl.constexpr,
+                    BN: tl.constexpr, BB: tl.constexpr):
+        # a (BN rows x 2*BB columns) tile of W from BB bytes per row; each byte holds two codes, the high nibble first
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        byte = tl.program_id(1) * BB + tl.arange(0, BB)
+        m = (rows[:, None] < N) & (byte[None, :] < K // 2)
+        b = tl.load(packed + rows[:, None] * (K // 2) + byte[None, :], mask=m, other=0).to(tl.int32)
+        hi = tl.load(table + (b >> 4))
+        lo = tl.load(table + (b & 15))
+        v = tl.interleave(hi, lo)  # (BN, 2 * BB): c
+        cols = tl.program_id(1) * (2 * BB) + tl.arange(0, 2 * BB)
+        mm = (rows[:, None] < N) & (cols[None, :] < K)
+        a = tl.load(absmax + (rows[:, None] * K + cols[None, :]) // QBLOCK, mask=mm, other=0.0)
+        if TRANSPOSE:
+            s = tl.load(inv + cols // QBLOCK, mask=cols < K, other=0.0)
+            q = ((v * a) * s[None, :]).to(tl.float8e4nv)
+            tl.store(out + cols[None, :] * N + rows[:, None], q, mask=mm)  # out is (K, N)
+        else:
+            s = tl.load(inv + rows, mask=rows < N, other=0.0)
+            q = ((v * a) * s[:, None]).to(tl.float8e4nv)
+            tl.store(out + rows[:, None] * K + cols[None, :], q, mask=mm)
+
+    return scale_rows, nf4_to_e4m3
+
+
+def _triton_scale_rows(t, inv):
+    import torch
+
+    t = t.contiguous()
+    out = torch.empty(t.shape, dtype=torch.float8_e4m3fn, device=t.device)
+    _kernels()[0][(t.shape[0],)](t, inv, out, t.shape[1], BLOCK=1024, num_warps=4)
+    return out
+
+
+def _triton_weight(weight, qs, inv, transpose: bool):
+    import torch
+    import triton
+
+    n, k = qs.shape
+    table = _table(qs)
+    out = torch.empty((k, n) if transpose else (n, k), dtype=torch.float8_e4m3fn, device=weight.device)
+    bn, bb = 64, 32
+    grid = (triton.cdiv(n, bn), triton.cdiv(k // 2, bb))
+    _kernels()[1][grid](weight, _absmax_cached(weight, qs), table, inv, out, n, k, QBLOCK=qs.blocksize,
+                        TRANSPOSE=transpose, BN=bn, BB=bb, num_warps=4)
+    return out
+
+
+def _table(qs):
+    import torch
+
+    return qs.code if qs.code.dtype == torch.float32 else qs.code.float()
+
+
+def _absmax_cached(weight, qs):
+    # plain NF4 keeps a float32 absmax already; a double-quantized one is expanded once and kept (N * K / blocksize
+    # float32 values, 1/16 of the 4-bit weight's bytes at blocksize 64)
+    if not qs.nested:
+        return qs.absmax
+    got = getattr(weight, "_lorafit_fp8_absmax", None)
+    if got is None or got.device != weight.device:
+        got = absmax(qs).contiguous()
+        weight._lorafit_fp8_absmax = got
+    return got
