@@ -31,6 +31,21 @@ def timed(fn, iters: int) -> float:
     return start.elapsed_time(end) * 1e3 / iters  # us per call
 
 
+def host(fn, iters: int) -> float:
+    """Host microseconds per call: the Python and launch time the GPU waits for when the host is the bottleneck
+    (no sync inside the loop; the queue is drained first and after)."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()  # host-device sync: drain the queue before timing the host
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    dt = time.perf_counter() - t0
+    torch.cuda.synchronize()  # host-device sync: let the queued work finish
+    return dt * 1e6 / iters
+
+
 def layer_step(n_out, n_in, tokens, use_fp8, iters):
     import sys
     from pathlib import Path
@@ -39,7 +54,7 @@ def layer_step(n_out, n_in, tokens, use_fp8, iters):
     from test_fused import peft_pair
 
     _, net = peft_pair("cuda", torch.bfloat16, n_in=n_in, n_out=n_out, r=64)
-    fused.install(net, fp8_matmuls=use_fp8)
+    fused.install(net, fp8_matmuls="all" if use_fp8 else "off")
     x = torch.randn(1, tokens, n_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(1, tokens, n_out, device="cuda", dtype=torch.bfloat16)
 
@@ -69,6 +84,12 @@ def pieces(n: int, k: int, tokens: int, iters: int) -> dict:
         "layer_fwd_bwd_fp8": layer_step(n, k, tokens, True, iters),
     }
     row["layer_speedup"] = row["layer_fwd_bwd_bf16"] / row["layer_fwd_bwd_fp8"]
+    row["host_bf16_dequantize"] = host(lambda: F.dequantize_4bit(q, qs), iters)
+    row["host_bf16_mm"] = host(lambda: torch.mm(x, wb.t()), iters)
+    row["host_fp8_weight"] = host(lambda: fp8.weight_e4m3(q, False), iters)
+    row["host_fp8_rowwise_x"] = host(lambda: fp8.rowwise(x), iters)
+    row["host_fp8_scaled_mm"] = host(lambda: torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw,
+                                                              out_dtype=torch.bfloat16), iters)
     return row
 
 

@@ -1,7 +1,7 @@
 """Loss parity of the fast path against the seed settings, on identical batches of a real pretrained model.
 
     . .gpu/env.sh; python3 bench/loss_parity.py --model DIR_OR_GGUF --data $GUANACO_1K --out $OUT/parity --steps 50
-    . .gpu/env.sh; python3 bench/loss_parity.py ... --fp8       # also the fast side with the base's matmuls in FP8
+    . .gpu/env.sh; python3 bench/loss_parity.py ... --fp8 input_grads,all   # also the fast side with FP8 matmuls
 
 The reference is `llama2_guanaco` (seed settings: padded batches, sdpa, gradient checkpointing, no Liger; TRL's own
 fused LM head). The other
@@ -37,9 +37,12 @@ SIDES = {
     "seed": ("llama2_guanaco", [], "indexed_lm_head"),
     "fast_padding_free": ("llama2_guanaco_fast", ["data.packing=false", "data.padding_free=true"], ""),
 }
-# --fp8: the same fast side with the base's matmuls in FP8 (quantization.fp8_matmuls), also against the seed
-FP8_SIDE = ("llama2_guanaco_fast", ["data.packing=false", "data.padding_free=true", "quantization.fp8_matmuls=true"],
-            "")
+# --fp8 MODES: the same fast side with each quantization.fp8_matmuls mode, each also against the seed
+
+
+def fp8_side(mode: str) -> tuple[str, list[str], str]:
+    return ("llama2_guanaco_fast", ["data.packing=false", "data.padding_free=true",
+                                    f"quantization.fp8_matmuls={mode}"], "")
 
 
 def model_sets(model: str) -> list[str]:
@@ -83,7 +86,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--dropouts", default="0.1,0", help="LoRA dropouts to run a pair at")
     p.add_argument("--packed", action="store_true", help="also run the shipped fast recipe (packed) for its loss")
-    p.add_argument("--fp8", action="store_true", help="also run the fast side with quantization.fp8_matmuls=true")
+    p.add_argument("--fp8", default="", help="also run the fast side with these quantization.fp8_matmuls modes "
+                   "(comma-separated: input_grads,all)")
     p.add_argument("--sides", default="", help="comma-separated subset of the sides to run (default: all)")
     p.add_argument("--extra", nargs="*", default=[], help="k=v overrides for every run")
     p.add_argument("--scratch", default="/tmp/lorafit-loss-parity")
@@ -92,7 +96,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     common = model_sets(a.model) + [f"data.path={a.data}", f"training.max_steps={a.steps}", *a.extra]
     res: dict = {"model": a.model, "steps": a.steps, "goal_mean_rel_diff": GOAL_MEAN_REL, "pairs": {}}
-    sides = {**SIDES, **({"fast_fp8": FP8_SIDE} if a.fp8 else {})}
+    sides = {**SIDES, **{f"fast_fp8_{m}": fp8_side(m) for m in a.fp8.split(",") if m}}
     if a.sides:
         sides = {k: v for k, v in sides.items() if k in a.sides.split(",") or k == "seed"}
     for dropout in a.dropouts.split(","):

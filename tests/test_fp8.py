@@ -87,7 +87,7 @@ def test_fp8_gemms_are_the_product_of_the_quantized_operands(nested):
 
 def test_fused_layer_in_fp8_stays_near_its_16_bit_twin(monkeypatch):
     ref, ours = peft_pair("cpu", torch.float32)
-    fused.install(ours, fp8_matmuls=True)
+    fused.install(ours, fp8_matmuls="all")
     used = []
     real = fp8.linear
     monkeypatch.setattr(fp8, "linear", lambda *a: (used.append(1), real(*a))[1])
@@ -105,44 +105,67 @@ def test_fused_layer_in_fp8_stays_near_its_16_bit_twin(monkeypatch):
         assert 0 < rel < 0.06, rel  # FP8 operands (see above); exactly 0 would mean the FP8 path never ran
 
 
+def test_input_grads_mode_leaves_the_forward_in_16_bits():
+    ref, ours = peft_pair("cpu", torch.float32)
+    fused.install(ours, fp8_matmuls="input_grads")
+    x = torch.randn(3, 16, 256, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for net in (ref, ours):
+        xi = x.clone().requires_grad_(True)
+        y = net(xi)
+        y.square().sum().backward()
+        outs.append((y.detach(), xi.grad, *[p.grad for p in net.parameters() if p.requires_grad]))
+    assert torch.allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)  # the forward: PEFT's, as before
+    # the LoRA gradients use the output gradient and saved activations only: unchanged too
+    for a, b in zip(outs[0][2:], outs[1][2:]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    rel = ((outs[0][1] - outs[1][1]).norm() / outs[0][1].norm()).item()
+    assert 0 < rel < 0.06, rel  # the input gradient went through the FP8 GEMM
+
+
 def test_recipe_and_layout_rules(monkeypatch):
-    base = ["lora.fused=true", "quantization.fp8_matmuls=true"]
+    base = ["lora.fused=true", "quantization.fp8_matmuls=all"]
     with pytest.raises(UserError, match="lora.fused=true"):
-        recipe.load_recipe("llama2_guanaco", ["quantization.fp8_matmuls=true"])
+        recipe.load_recipe("llama2_guanaco", ["quantization.fp8_matmuls=input_grads"])
     with pytest.raises(UserError, match="keep_dequantized"):
         recipe.load_recipe("llama2_guanaco", base + ["quantization.keep_dequantized=true",
                                                      "training.gradient_checkpointing=false"])
+    with pytest.raises(UserError, match="fp8_matmuls"):
+        recipe.load_recipe("llama2_guanaco", ["lora.fused=true", "quantization.fp8_matmuls=true"])  # a mode, not a bool
     cfg = recipe.load_recipe("llama2_guanaco", base)
     gpu = dict(env={}, cuda_available=True, bf16_supported=True, gpu_count=1, gpu_gib=80.0)
-    assert layout.decide(cfg, gpu_capability=(9, 0), **gpu).fp8_matmuls
+    assert layout.decide(cfg, gpu_capability=(9, 0), **gpu).fp8_matmuls == "all"
     with pytest.raises(UserError, match=r"compute capability 8\.9\+.*this GPU is 8\.0"):
         layout.decide(cfg, gpu_capability=(8, 0), **gpu)
     cpu = layout.decide(cfg, env={}, cuda_available=False)
-    assert cpu.fp8_matmuls and any("reference path" in n for n in cpu.notes)
+    assert cpu.fp8_matmuls == "all" and any("reference path" in n for n in cpu.notes)
     zero3 = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "ACCELERATE_USE_DEEPSPEED": "true",
              "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_MIXED_PRECISION": "bf16"}
     off = layout.decide(cfg, **{**gpu, "env": zero3, "gpu_count": 8})
-    assert off.kind == "zero3" and not off.fp8_matmuls and any("fp8_matmuls off" in n for n in off.notes)
+    assert off.kind == "zero3" and off.fp8_matmuls == "off" and any("fp8_matmuls off" in n for n in off.notes)
 
 
 @pytest.mark.slow
 def test_cli_trains_with_fp8_matmuls(tmp_path, tiny_llama_dir, guanaco_dir):
-    """The recipe switch end to end on CPU: the log says the base's matmuls run in FP8, the run finishes with finite
-    losses and an adapter, and the losses differ from the same run in float32 (the switch did something) by little:
-    FP8 operands are off by <= 1/16 per element, so the loss of a tiny random model moves by well under 5%."""
+    """The recipe switch end to end on CPU: the log names the mode, the run finishes with finite losses and an
+    adapter. input_grads leaves every step's loss as it was until the first update (step 1's loss is exact, the
+    later ones move by the gradients' FP8 rounding); all moves them from step 1, by little: FP8 operands are off by
+    <= 1/16 per element, so the loss of a tiny random model moves by well under 5%."""
     from conftest import read_scalars, run_cli, set_args, tiny_overrides
 
-    losses = {}
-    for on in (False, True):
-        out = tmp_path / f"fp8-{on}"
+    losses, says = {}, {"off": None, "input_grads": "base input gradients in FP8", "all": "base matmuls in FP8"}
+    for mode in says:
+        out = tmp_path / f"fp8-{mode}"
         args = ["--recipe", "llama2_guanaco", *tiny_overrides(tiny_llama_dir, guanaco_dir, out, steps=3),
-                *set_args(["lora.fused=true", f"quantization.fp8_matmuls={str(on).lower()}",
+                *set_args(["lora.fused=true", f"quantization.fp8_matmuls={mode}",
                            "training.gradient_checkpointing=false"])]
         r = run_cli(args)
         assert r.returncode == 0, r.stderr[-2000:]
-        assert ("base matmuls in FP8" in (out / "log.txt").read_text()) == on
-        assert (out / "adapter_model.safetensors").exists() or any(out.glob("**/adapter_model.safetensors"))
-        losses[on] = [v for _, v in read_scalars(out / "tb")["train/loss"]]
-    assert len(losses[True]) == len(losses[False]) == 3
-    for a, b in zip(losses[False], losses[True]):
+        log = (out / "log.txt").read_text()
+        assert all((s in log) == (s == says[mode]) for s in says.values() if s)
+        assert any(out.glob("**/adapter_model.safetensors"))
+        losses[mode] = [v for _, v in read_scalars(out / "tb")["train/loss"]]
+    assert len(losses["all"]) == len(losses["off"]) == len(losses["input_grads"]) == 3
+    assert losses["input_grads"][0] == losses["off"][0]
+    for a, b in zip(losses["off"], losses["all"]):
         assert a != b and abs(a - b) / a < 0.05, (a, b)

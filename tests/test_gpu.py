@@ -266,7 +266,7 @@ def test_fp8_kernels_are_the_torch_reference_bit_for_bit(monkeypatch, nested):
     """lorafit.fp8's Triton kernels (NF4 -> e4m3, row and transposed; row-wise scaling of activations) against its
     torch reference (tests/test_fp8.py checks that one against bitsandbytes and e4m3's definition), bit for bit, at a
     7B's q_proj and mlp sizes and at sizes that end mid-tile; then the FP8 GEMMs on a token count that is not a
-    multiple of 16, equal to the product of the quantized operands (float32 accumulation: rtol 1e-3 for K <= 11008)."""
+    multiple of 16, equal to the product of the quantized operands up to the bf16 output's rounding."""
     import bitsandbytes.functional as F
 
     from lorafit import fp8
@@ -290,13 +290,13 @@ def test_fp8_kernels_are_the_torch_reference_bit_for_bit(monkeypatch, nested):
         ref_y = (xq.float() * sx) @ (wq.float() * sw.t()).t()
         ref_gx = (gq.float() * sg) @ (wtq.float() * swt.t()).t()
         for a, b in ((y, ref_y), (gx, ref_gx)):
-            assert ((a.float() - b).norm() / b.norm()).item() < 1e-3, (n, k)
+            assert ((a.float() - b).norm() / b.norm()).item() < 4e-3, (n, k)  # the bf16 output: each element within 2^-8 relative
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="FP8 needs compute capability 8.9+")
 def test_fused_fp8_layer_stays_near_its_bf16_twin_on_gpu(monkeypatch):
-    """A 7B-sized fused LoRA layer (bf16 adapters, dropout 0) with quantization.fp8_matmuls against the same layer in
+    """A 7B-sized fused LoRA layer (bf16 adapters, dropout 0) with quantization.fp8_matmuls=all against the same layer in
     bf16: output, input gradient and LoRA gradients within 6% relative norm (each FP8 operand is off by at most 1/16
     per element, random in sign; tests/test_fp8.py), and not equal (the FP8 path ran)."""
     from test_fused import peft_pair
@@ -305,7 +305,7 @@ def test_fused_fp8_layer_stays_near_its_bf16_twin_on_gpu(monkeypatch):
 
     ref, ours = peft_pair("cuda", torch.bfloat16, n_in=4096, n_out=4096, r=64)
     fused.install(ref)
-    fused.install(ours, fp8_matmuls=True)
+    fused.install(ours, fp8_matmuls="all")
     x = torch.randn(2, 2048, 4096, device="cuda", dtype=torch.bfloat16)
     outs = []
     for net in (ref, ours):

@@ -20,7 +20,7 @@
 #   carry .gpu and .gpu-smol/SmolLM2-135M-Instruct.Q4_1.gguf.part-ab:
 #     . .gpu/env.sh; bash bench/suites/parity.sh        # joins the halves, checks sha256, runs (~4 min)
 # Environment: OUT, SMOL (the GGUF's path on the box, /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf; or a converted
-# model folder), STEPS (50), DROPOUTS ("0.1,0"), FP8 (set: also the fast side with quantization.fp8_matmuls=true),
+# model folder), STEPS (50), DROPOUTS ("0.1,0"), FP8 (e.g. input_grads,all: the fast side with those modes too),
 # CUDA_VISIBLE_DEVICES (0).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -48,7 +48,7 @@ if [[ $(basename "$G") == SmolLM2-135M-Instruct.Q4_1.gguf ]]; then
   fi
 fi
 say "model ready: $G"
-timeout 540 python3 bench/loss_parity.py --model "$G" --data "$GUANACO_1K" --out /tmp/bench-parity ${FP8:+--fp8} \
+timeout 540 python3 bench/loss_parity.py --model "$G" --data "$GUANACO_1K" --out /tmp/bench-parity ${FP8:+--fp8 "$FP8"} \
   --steps "${STEPS:-50}" --dropouts "${DROPOUTS:-0.1,0}" 2>&1 | tail -3 | tee -a "$OUT/parity.txt"
 cp /tmp/bench-parity/loss_parity.json "$OUT/loss-parity-smollm2.json" 2>/dev/null
 say "parity suite done"

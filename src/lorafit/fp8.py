@@ -1,6 +1,7 @@
 """FP8 (e4m3) matmuls for the frozen NF4 base: the fused layers' base GEMMs at Hopper's FP8 rate, NF4 storage kept.
 
-    accelerate launch src/train.py --recipe llama2_guanaco_fast --set quantization.fp8_matmuls=true
+    accelerate launch src/train.py --recipe llama2_guanaco_fast --set quantization.fp8_matmuls=input_grads
+    accelerate launch src/train.py --recipe llama2_guanaco_fast --set quantization.fp8_matmuls=all
 
 Why lorafit writes this: torchao's float8 training converts nn.Linear modules whose weights are 16-bit parameters
 (and is not in the stack); a bitsandbytes 4-bit weight is none of those, and no library turns NF4 codes into FP8. The
@@ -42,9 +43,15 @@ def check_device(gpu: int | None, capability: tuple[int, int] | None, notes: lis
     if tuple(capability) < MIN_CAPABILITY:
         from lorafit.errors import UserError
 
-        raise UserError(f"quantization.fp8_matmuls=true needs FP8 tensor cores (compute capability "
+        raise UserError(f"quantization.fp8_matmuls needs FP8 tensor cores (compute capability "
                         f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+: Ada, Hopper); this GPU is "
-                        f"{capability[0]}.{capability[1]}; set quantization.fp8_matmuls=false")
+                        f"{capability[0]}.{capability[1]}; set quantization.fp8_matmuls=off")
+
+
+def mode_for(mode: str, weight, x) -> str:
+    """The FP8 mode a fused layer's call runs: the recipe's (off | input_grads | all) where this weight and input
+    allow FP8, else off."""
+    return mode if mode != "off" and applies(weight, x) else "off"
 
 
 def applies(weight, x) -> bool:
@@ -86,13 +93,14 @@ def rowwise(t):
     magnitude at 448. An all-zero row gets scale 1 (its codes are zeros)."""
     import torch
 
-    amax = torch.linalg.vector_norm(t, float("inf"), dim=1, keepdim=True, dtype=torch.float32)
-    amax = torch.where(amax > 0, amax, E4M3_MAX)
-    inv = E4M3_MAX / amax
-    scale = amax / E4M3_MAX
     if t.is_cuda and _has_triton():
-        return _triton_scale_rows(t, inv), scale
-    return (t.float() * inv).to(torch.float8_e4m3fn), scale
+        return _triton_rowwise(t)
+    amax = t.abs().amax(dim=1, keepdim=True).float()
+    amax = torch.where(amax > 0, amax, E4M3_MAX)
+    # tensor / tensor: a true division, as the kernel's div_rn (torch turns `x / scalar` into x * (1 / scalar) on
+    # CUDA, and `scalar / x` into reciprocal(x) * scalar)
+    limit = torch.full_like(amax, E4M3_MAX)
+    return (t.float() * (limit / amax)).to(torch.float8_e4m3fn), amax / limit
 
 
 def weight_e4m3(weight, transpose: bool):
@@ -164,49 +172,67 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def scale_rows(src, inv, out, cols, BLOCK: tl.constexpr):
-        # one row per program, BLOCK columns at a time: out = e4m3(float32(src) * inv[row])
-        row = tl.program_id(0)
-        s = tl.load(inv + row)
+    def scale_rows(src, out, scales, cols, BLOCK: tl.constexpr):
+        # one row per program: its largest magnitude, then out = e4m3(float32(src) * (448 / amax)); the two
+        # divisions rounded to nearest (div_rn), as torch divides, so the reference gets the same bits
+        row = tl.program_id(0).to(tl.int64)
+        top = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            m = offs < cols
-            v = tl.load(src + row * cols + offs, mask=m, other=0.0).to(tl.float32)
-            tl.store(out + row * cols + offs, (v * s).to(tl.float8e4nv), mask=m)
+            v = tl.load(src + row * cols + offs, mask=offs < cols, other=0.0).to(tl.float32)
+            top = tl.maximum(top, tl.abs(v))
+        amax = tl.max(top, axis=0)
+        amax = tl.where(amax > 0, amax, 448.0)
+        limit = tl.zeros_like(amax) + 448.0
+        inv = tl.div_rn(limit, amax)
+        tl.store(scales + row, tl.div_rn(amax, limit))
+        for start in range(0, cols, BLOCK):  # the row again, from L2
+            offs = start + tl.arange(0, BLOCK)
+            v = tl.load(src + row * cols + offs, mask=offs < cols, other=0.0).to(tl.float32)
+            tl.store(out + row * cols + offs, (v * inv).to(tl.float8e4nv), mask=offs < cols)
 
     @triton.jit
-    def nf4_to_e4m3(packed, absmax, table, inv, out, N, K, QBLOCK: tl.constexpr, TRANSPOSE: tl.constexpr,
-                    BN: tl.constexpr, BB: tl.constexpr):
-        # a (BN rows x 2*BB columns) tile of W from BB bytes per row; each byte holds two codes, the high nibble first
+    def nf4_rows_to_e4m3(packed, absmax, table, inv, out, n_bytes, K, QBLOCK: tl.constexpr, BLOCK: tl.constexpr):
+        # W (out, in) in its own layout: BLOCK bytes -> 2 * BLOCK values, the high nibble first, each value times
+        # its row's 448 / s_row (both nibbles of a byte share a row: K is even)
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < n_bytes
+        b = tl.load(packed + offs, mask=inside, other=0).to(tl.int32)
+        a = tl.load(absmax + (offs * 2) // QBLOCK, mask=inside, other=0.0)
+        s = tl.load(inv + (offs * 2) // K, mask=inside, other=0.0)
+        hi = ((tl.load(table + ((b >> 4) & 15)) * a) * s).to(tl.float8e4nv)
+        lo = ((tl.load(table + (b & 15)) * a) * s).to(tl.float8e4nv)
+        o = pid * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
+        tl.store(out + o, tl.interleave(hi, lo), mask=o < 2 * n_bytes)
+
+    @triton.jit
+    def nf4_to_e4m3_t(packed, absmax, table, inv, out, N, K, QBLOCK: tl.constexpr, BN: tl.constexpr,
+                      BB: tl.constexpr):
+        # W^T (in, out): a (BN rows x 2*BB columns) tile of W from BB bytes per row (the high nibble first), each
+        # value times its column block's 448 / s_col, stored transposed
         rows = tl.program_id(0) * BN + tl.arange(0, BN)
         byte = tl.program_id(1) * BB + tl.arange(0, BB)
         m = (rows[:, None] < N) & (byte[None, :] < K // 2)
         b = tl.load(packed + rows[:, None] * (K // 2) + byte[None, :], mask=m, other=0).to(tl.int32)
-        hi = tl.load(table + (b >> 4))
-        lo = tl.load(table + (b & 15))
-        v = tl.interleave(hi, lo)  # (BN, 2 * BB): c
+        v = tl.interleave(tl.load(table + (b >> 4)), tl.load(table + (b & 15)))  # (BN, 2 * BB): c
         cols = tl.program_id(1) * (2 * BB) + tl.arange(0, 2 * BB)
         mm = (rows[:, None] < N) & (cols[None, :] < K)
         a = tl.load(absmax + (rows[:, None] * K + cols[None, :]) // QBLOCK, mask=mm, other=0.0)
-        if TRANSPOSE:
-            s = tl.load(inv + cols // QBLOCK, mask=cols < K, other=0.0)
-            q = ((v * a) * s[None, :]).to(tl.float8e4nv)
-            tl.store(out + cols[None, :] * N + rows[:, None], q, mask=mm)  # out is (K, N)
-        else:
-            s = tl.load(inv + rows, mask=rows < N, other=0.0)
-            q = ((v * a) * s[:, None]).to(tl.float8e4nv)
-            tl.store(out + rows[:, None] * K + cols[None, :], q, mask=mm)
+        s = tl.load(inv + cols // QBLOCK, mask=cols < K, other=0.0)
+        tl.store(out + cols[None, :] * N + rows[:, None], ((v * a) * s[None, :]).to(tl.float8e4nv), mask=mm)
 
-    return scale_rows, nf4_to_e4m3
+    return scale_rows, nf4_to_e4m3_t, nf4_rows_to_e4m3
 
 
-def _triton_scale_rows(t, inv):
+def _triton_rowwise(t):
     import torch
 
     t = t.contiguous()
     out = torch.empty(t.shape, dtype=torch.float8_e4m3fn, device=t.device)
-    _kernels()[0][(t.shape[0],)](t, inv, out, t.shape[1], BLOCK=1024, num_warps=4)
-    return out
+    scales = torch.empty((t.shape[0], 1), dtype=torch.float32, device=t.device)
+    _kernels()[0][(t.shape[0],)](t, out, scales, t.shape[1], BLOCK=2048, num_warps=8)
+    return out, scales
 
 
 def _triton_weight(weight, qs, inv, transpose: bool):
@@ -216,10 +242,15 @@ def _triton_weight(weight, qs, inv, transpose: bool):
     n, k = qs.shape
     table = _table(qs)
     out = torch.empty((k, n) if transpose else (n, k), dtype=torch.float8_e4m3fn, device=weight.device)
+    absmax_f32 = _absmax_cached(weight, qs)
+    if not transpose:  # row order: a flat pass over the bytes (a 2-D tile ran ~3x slower on an H100)
+        n_bytes, block = n * k // 2, 1024
+        _kernels()[2][(triton.cdiv(n_bytes, block),)](weight, absmax_f32, table, inv, out, n_bytes, k,
+                                                      QBLOCK=qs.blocksize, BLOCK=block)
+        return out
     bn, bb = 64, 32
     grid = (triton.cdiv(n, bn), triton.cdiv(k // 2, bb))
-    _kernels()[1][grid](weight, _absmax_cached(weight, qs), table, inv, out, n, k, QBLOCK=qs.blocksize,
-                        TRANSPOSE=transpose, BN=bn, BB=bb, num_warps=4)
+    _kernels()[1][grid](weight, absmax_f32, table, inv, out, n, k, QBLOCK=qs.blocksize, BN=bn, BB=bb, num_warps=4)
     return out
 
 

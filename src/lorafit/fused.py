@@ -26,8 +26,9 @@ to the host).
 byte looked up in the 16-value NF4 table and scaled by their block's absmax, in float32, rounded once to the output
 dtype, the arithmetic of bitsandbytes' kernel (the GPU test compares the two bit for bit).
 
-`quantization.fp8_matmuls=true` runs the base's two GEMMs (forward, input gradient) in FP8 e4m3 instead, the NF4
-weight dequantized straight to FP8 with row-wise scales (lorafit.fp8); the LoRA matmuls stay in the compute dtype.
+`quantization.fp8_matmuls=input_grads` runs the base's input-gradient GEMM in FP8 e4m3 instead, `all` the forward
+GEMM too, the NF4 weight dequantized straight to FP8 with row-wise scales (lorafit.fp8); the LoRA matmuls stay in
+the compute dtype.
 
 The fused function runs only where it computes exactly what PEFT would: training with grad enabled, one active
 vanilla LoRA adapter (no DoRA or other variant, no lora bias, not merged, adapters enabled), no extra forward
@@ -117,10 +118,10 @@ def _function_class():
 
         @staticmethod
         def forward(ctx, x, lora_a, lora_b, weight, bias, scale: float, p: float, keep: bool,
-                    kernel: str = "bitsandbytes", use_fp8: bool = False):
+                    kernel: str = "bitsandbytes", fp8_mode: str = "off"):
             x2 = x.reshape(-1, x.shape[-1])
             w = None
-            if use_fp8:  # the base GEMM in FP8 (lorafit.fp8); the LoRA half below stays in x's dtype
+            if fp8_mode == "all":  # the base GEMM in FP8 (lorafit.fp8); the LoRA half below stays in x's dtype
                 out = fp8.linear(x2, weight, x.dtype)
                 if bias is not None:
                     out.add_(bias.to(x.dtype))
@@ -137,7 +138,7 @@ def _function_class():
                 h = torch.mm(xd, a.t())  # (tokens, r)
                 out.addmm_(h, b.t(), alpha=scale)  # the scale and the add ride in the GEMM epilogue
             ctx.scale, ctx.p, ctx.weight, ctx.has_bias, ctx.kernel = scale, p, weight, bias is not None, kernel
-            ctx.use_fp8 = use_fp8
+            ctx.fp8_grads = fp8_mode != "off"
             ctx.adapter_dtype = None if lora_a is None else lora_a.dtype
             ctx.save_for_backward(xd, mask, h, a, b, w if keep else None)
             return out.view(*x.shape[:-1], out.shape[-1])
@@ -148,7 +149,7 @@ def _function_class():
             g2 = g.reshape(-1, g.shape[-1])
             need_x, need_a, need_b, _, need_bias = ctx.needs_input_grad[:5]
             gx = ga = gb = gbias = None
-            if need_x and ctx.use_fp8:
+            if need_x and ctx.fp8_grads:
                 gx = fp8.grad_input(g2, ctx.weight, g2.dtype)  # (tokens, in)
             elif need_x:
                 w = _dequantize(ctx.weight, g2.dtype, ctx.kernel) if w is None else w
@@ -198,7 +199,7 @@ def _classes():
     class FusedFrozen4bit(bnb.nn.Linear4bit):
         keep_dequantized = False
         dequant_kernel = "bitsandbytes"
-        fp8_matmuls = False
+        fp8_matmuls = "off"
 
         def forward(self, x):
             if not torch.is_grad_enabled():
@@ -207,12 +208,12 @@ def _classes():
             if not plain_4bit(self, x) or (self.bias is not None and self.bias.requires_grad):
                 return super().forward(x)
             return fn.apply(x, None, None, self.weight, self.bias, 1.0, 0.0, self.keep_dequantized,
-                            self.dequant_kernel, self.fp8_matmuls and fp8.applies(self.weight, x))
+                            self.dequant_kernel, fp8.mode_for(self.fp8_matmuls, self.weight, x))
 
     class FusedLoRA4bit(PeftLinear4bit):
         keep_dequantized = False
         dequant_kernel = "bitsandbytes"
-        fp8_matmuls = False
+        fp8_matmuls = "off"
 
         def forward(self, x, *args, **kwargs):
             base = self.base_layer
@@ -234,7 +235,7 @@ def _classes():
             p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
             return fn.apply(x, a.weight, b.weight, base.weight, base.bias, float(self.scaling[name]), p,
                             self.keep_dequantized, self.dequant_kernel,
-                            self.fp8_matmuls and fp8.applies(base.weight, x))
+                            fp8.mode_for(self.fp8_matmuls, base.weight, x))
 
     return FusedFrozen4bit, FusedLoRA4bit
 
@@ -251,9 +252,10 @@ def counts(model) -> dict[str, int]:
 
 
 def install(model, keep_dequantized: bool = False, dequant_kernel: str = "bitsandbytes",
-            fp8_matmuls: bool = False) -> dict[str, int]:
+            fp8_matmuls: str = "off") -> dict[str, int]:
     """Switch every 4-bit linear of `model` (a PEFT model) to the fused forward; returns how many of each kind.
-    fp8_matmuls: the base's forward and input-gradient GEMMs in FP8 where lorafit.fp8 applies."""
+    fp8_matmuls: off, input_grads (the base's input-gradient GEMM in FP8) or all (its forward GEMM too), where
+    lorafit.fp8 applies."""
     import bitsandbytes as bnb
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 

@@ -87,7 +87,7 @@ class Layout:
     keep_dequantized: bool = False  # ... and keeps their 16-bit weights for the backward
     indexed_lm_head: bool = True  # the training loss's LM head on host-indexed positions (lorafit.lm_head)
     dequant_kernel: str = "bitsandbytes"  # the fused layers' NF4 dequantize: bitsandbytes | triton (lorafit.fused)
-    fp8_matmuls: bool = False  # the fused layers' base GEMMs in FP8 (quantization.fp8_matmuls, lorafit.fp8)
+    fp8_matmuls: str = "off"  # the fused layers' base GEMMs in FP8: off | input_grads | all (lorafit.fp8)
     optimizer: str = ""  # training.optimizer, or its torch twin where the layout cannot run bitsandbytes' (FSDP2)
     notes: list[str] = field(default_factory=list)
 
@@ -371,15 +371,16 @@ def _fused_layers(cfg: Recipe, launch: _Launch, gc: bool, notes: list[str]) -> t
     return fused, keep, dequant
 
 
-def _fp8(cfg: Recipe, launch: _Launch, fused: bool, capability, notes: list[str]) -> bool:
-    if cfg.quantization.fp8_matmuls and not fused:
+def _fp8(cfg: Recipe, launch: _Launch, fused: bool, capability, notes: list[str]) -> str:
+    mode = cfg.quantization.fp8_matmuls
+    if mode != "off" and not fused:
         notes.append("quantization.fp8_matmuls off: it runs inside the fused layers, which this layout turns off")
-    if not (cfg.quantization.fp8_matmuls and fused):
-        return False
+    if mode == "off" or not fused:
+        return "off"
     from lorafit import fp8
 
     fp8.check_device(None if launch.on_cpu else launch.local, capability, notes)
-    return True
+    return mode
 
 
 def _optimizer(cfg: Recipe, launch: _Launch, notes: list[str]) -> str:

@@ -167,7 +167,8 @@ def load_model(cfg: Recipe, layout: Layout, source: str, tokenizer):
         log.info("fused 4-bit layers: %d with LoRA, %d frozen%s%s%s", n["lora"], n["frozen"],
                  " (16-bit weights kept for the backward)" if layout.keep_dequantized else "",
                  ", Triton dequantize" if layout.dequant_kernel == "triton" else "",
-                 ", base matmuls in FP8" if layout.fp8_matmuls else "")
+                 {"off": "", "input_grads": ", base input gradients in FP8", "all": ", base matmuls in FP8"}[
+                     layout.fp8_matmuls])
     if cfg.training.liger_kernels and layout.device != "cpu":
         apply_liger_kernels(model)
     if layout.kind == "fsdp2":

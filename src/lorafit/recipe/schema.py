@@ -91,10 +91,11 @@ class QuantizationConfig:
         "bitsandbytes", "With lora.fused on a GPU: the NF4 dequantize kernel, bitsandbytes' or lorafit's Triton "
         "kernel (lorafit.fused; nf4 without double_quant; the same values)."
     )
-    fp8_matmuls: bool = f(
-        False, "With lora.fused on an FP8 GPU (compute capability 8.9+: Ada, Hopper): the frozen base's matmuls "
-        "(forward and input gradient) in FP8 e4m3 with row-wise scales, the NF4 weight dequantized straight to FP8 "
-        "(lorafit.fp8); LoRA stays in compute_dtype. Faster; the loss moves slightly (docs/benchmarks.md: parity)."
+    fp8_matmuls: Literal["off", "input_grads", "all"] = f(
+        "off", "With lora.fused on an FP8 GPU (compute capability 8.9+: Ada, Hopper): the frozen base's matmuls in "
+        "FP8 e4m3 with row-wise scales, the NF4 weight dequantized straight to FP8 (lorafit.fp8): input_grads = the "
+        "backward's input-gradient GEMM only (the loss of a step is computed as before), all = the forward's too "
+        "(faster; the loss moves by ~1%). LoRA stays in compute_dtype. docs/benchmarks.md: speed and parity."
     )
 
 
@@ -342,13 +343,15 @@ class Recipe:
             raise UserError("quantization.keep_dequantized=true keeps 16-bit weights as activations, which gradient "
                             "checkpointing would recompute and activation offloading would copy to the host; set it "
                             "to false, or turn both off")
-        if q.fp8_matmuls:
+        if q.fp8_matmuls != "off":
             if not lora.fused or not q.load_in_4bit or q.quant_type != "nf4":
-                raise UserError("quantization.fp8_matmuls=true runs the fused NF4 layers' matmuls in FP8; set "
-                                "lora.fused=true with load_in_4bit=true and quant_type=nf4, or fp8_matmuls=false")
+                raise UserError(f"quantization.fp8_matmuls={q.fp8_matmuls} runs the fused NF4 layers' matmuls in "
+                                "FP8; set lora.fused=true with load_in_4bit=true and quant_type=nf4, or "
+                                "fp8_matmuls=off")
             if q.keep_dequantized:
-                raise UserError("quantization.fp8_matmuls=true dequantizes straight to FP8 in each pass, "
-                                "keep_dequantized=true keeps 16-bit weights instead; set one of them to false")
+                raise UserError(f"quantization.fp8_matmuls={q.fp8_matmuls} dequantizes straight to FP8 in each "
+                                "pass, keep_dequantized=true keeps 16-bit weights instead; set fp8_matmuls=off or "
+                                "keep_dequantized=false")
         if self.eval.metric == "regex" and not self.eval.regex:
             raise UserError("eval.metric=regex needs eval.regex, the pattern that finds the answer (its first group), "
                             "e.g. --set 'eval.regex=####\\s*(-?\\d+)'")
