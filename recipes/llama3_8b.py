@@ -7,21 +7,9 @@ Llama-3's chat format (the tokenizer's own template), QLoRA NF4, LoRA r=64 on q,
         --set data.path=/data/guanaco-llama2-1k
 """
 
-import dataclasses
-
-from lorafit.recipe import load_recipe
+from lorafit.recipe import load_recipe, other_model
 
 
 def recipe():
-    base = load_recipe("llama2_guanaco")
-    r = dataclasses.replace
-    return r(
-        base,
-        name="llama3_8b",
-        description="Llama-3.1-8B-Instruct + guanaco-llama2-1k in its own chat format, QLoRA NF4, r=64 on q,v",
-        model=r(base.model, name="meta-llama/Llama-3.1-8B-Instruct"),
-        # guanaco's rows are Llama-2 text; parsed into turns and rendered with this model's chat template, answers
-        # masked by that template's boundaries (lorafit.data.render), the pad token distinct from EOS (lorafit.model)
-        data=r(base.data, chat_template="tokenizer"),
-        output=r(base.output, dir="runs/llama3_8b"),
-    )
+    return other_model(load_recipe("llama2_guanaco"), "llama3_8b", "meta-llama/Llama-3.1-8B-Instruct",
+                       "Llama-3.1-8B-Instruct + guanaco-llama2-1k in its own chat format, QLoRA NF4, r=64 on q,v")

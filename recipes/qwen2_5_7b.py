@@ -7,21 +7,9 @@ Qwen's ChatML chat format (the tokenizer's own template), QLoRA NF4, LoRA r=64 o
         --set data.path=/data/guanaco-llama2-1k
 """
 
-import dataclasses
-
-from lorafit.recipe import load_recipe
+from lorafit.recipe import load_recipe, other_model
 
 
 def recipe():
-    base = load_recipe("llama2_guanaco")
-    r = dataclasses.replace
-    return r(
-        base,
-        name="qwen2_5_7b",
-        description="Qwen2.5-7B-Instruct + guanaco-llama2-1k in its own chat format, QLoRA NF4, r=64 on q,v",
-        model=r(base.model, name="Qwen/Qwen2.5-7B-Instruct"),
-        # guanaco's rows are Llama-2 text; parsed into turns and rendered with this model's chat template, answers
-        # masked by that template's boundaries (lorafit.data.render), the pad token distinct from EOS (lorafit.model)
-        data=r(base.data, chat_template="tokenizer"),
-        output=r(base.output, dir="runs/qwen2_5_7b"),
-    )
+    return other_model(load_recipe("llama2_guanaco"), "qwen2_5_7b", "Qwen/Qwen2.5-7B-Instruct",
+                       "Qwen2.5-7B-Instruct + guanaco-llama2-1k in its own chat format, QLoRA NF4, r=64 on q,v")

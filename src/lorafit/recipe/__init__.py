@@ -21,9 +21,9 @@ from lorafit.recipe.schema import (
     Recipe,
     TrainingConfig,
 )
-from lorafit.recipe.variants import fast_path
+from lorafit.recipe.variants import fast_path, other_model
 
 __all__ = ["RECIPE_DIRS", "CheckpointConfig", "DataConfig", "EvalConfig", "LoggingConfig", "LoraConfig", "ModelConfig",
            "OutputConfig", "QuantizationConfig", "Recipe", "TrainingConfig", "all_keys", "apply_overrides",
            "available_recipes", "coerce", "describe_fields", "describe_recipes", "fast_path", "from_dict", "load_recipe",
-           "set_value", "unknown_key"]
+           "other_model", "set_value", "unknown_key"]
