@@ -31,28 +31,19 @@ RECIPES = {"llama3": "llama3_8b", "qwen2": "qwen2_5_7b", "mistral": "mistral_7b"
 
 def make_family(out: Path, tokenizer_dir: Path, family: str) -> Path:
     import torch
-    from transformers import (
-        AutoTokenizer,
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.chat_template = TEMPLATES[family]
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
                   eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    extra = {"llama3": ("llama", dict(rope_theta=500000.0)),
+             "qwen2": ("qwen2", dict(use_sliding_window=False)),  # q/k/v with biases
+             "mistral": ("mistral", dict(sliding_window=32))}  # a window shorter than the rows: it cuts
+    model_type, fields = extra[family]
     torch.manual_seed(0)
-    if family == "llama3":
-        model = LlamaForCausalLM(LlamaConfig(**common, rope_theta=500000.0))
-    elif family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))  # q/k/v with biases
-    else:
-        model = MistralForCausalLM(MistralConfig(**common, sliding_window=32))  # shorter than the rows: it cuts
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **common, **fields))
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
