@@ -13,22 +13,11 @@ import json
 
 import bitsandbytes.functional as F
 import torch
+from dequant import timed  # bench/dequant.py: CUDA-event microseconds per call after warm-up
 
 from lorafit import fp8, fused
 
 SIZES = {"q_proj": (4096, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}  # (out, in)
-
-
-def timed(fn, iters: int) -> float:
-    for _ in range(5):
-        fn()  # warm-up: Triton compiles on the first call
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()  # host-device sync: the timing events
-    return start.elapsed_time(end) * 1e3 / iters  # us per call
 
 
 def host(fn, iters: int) -> float:
