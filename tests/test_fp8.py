@@ -10,7 +10,7 @@ References: bitsandbytes' own dequantize (float32 output: the values before any 
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
-from test_fused import count_calls, peft_pair
+from test_fused import count_calls, output_and_grads, peft_pair
 
 from lorafit import fp8, fused, layout, recipe
 from lorafit.errors import UserError
@@ -78,10 +78,11 @@ def test_fp8_gemms_are_the_product_of_the_quantized_operands(nested):
     gq, sg = fp8.rowwise(gy)
     wtq, swt = fp8.weight_e4m3(q, transpose=True)
     want = (gq.double() * sg.double()) @ (wtq.double() * swt.double().t()).t()
-    assert torch.allclose(fp8.grad_input(gy, q, torch.float32).double(), want, rtol=1e-5, atol=1e-6)
+    gx = fp8.grad_input(gy, q, torch.float32)
+    assert torch.allclose(gx.double(), want, rtol=1e-5, atol=1e-6)
     # and both are near the NF4 GEMMs: each operand off by <= 1/16 per element, random in sign, so a few percent
     w = fp8.nf4_values(q, qs).view(N, K)
-    for got, ref in ((y, x @ w.t()), (fp8.grad_input(gy, q, torch.float32), gy @ w)):
+    for got, ref in ((y, x @ w.t()), (gx, gy @ w)):
         assert 0 < ((got - ref).norm() / ref.norm()).item() < 0.06
 
 
@@ -93,12 +94,7 @@ def test_fused_layer_in_fp8_stays_near_its_16_bit_twin(monkeypatch):
     monkeypatch.setattr(fp8, "linear", lambda *a: (used.append(1), real(*a))[1])
     calls = count_calls(monkeypatch)
     x = torch.randn(3, 16, 256, generator=torch.Generator().manual_seed(2))
-    outs = []
-    for net in (ref, ours):
-        xi = x.clone().requires_grad_(True)
-        y = net(xi)
-        y.square().sum().backward()
-        outs.append((y.detach(), xi.grad, *[p.grad for p in net.parameters() if p.requires_grad]))
+    outs = [output_and_grads(net, x) for net in (ref, ours)]
     assert len(calls) == 1 and used == [1]
     for a, b in zip(*outs):  # output, input gradient, lora_A and lora_B gradients
         rel = ((a - b).norm() / a.norm()).item()
@@ -109,12 +105,7 @@ def test_input_grads_mode_leaves_the_forward_in_16_bits():
     ref, ours = peft_pair("cpu", torch.float32)
     fused.install(ours, fp8_matmuls="input_grads")
     x = torch.randn(3, 16, 256, generator=torch.Generator().manual_seed(2))
-    outs = []
-    for net in (ref, ours):
-        xi = x.clone().requires_grad_(True)
-        y = net(xi)
-        y.square().sum().backward()
-        outs.append((y.detach(), xi.grad, *[p.grad for p in net.parameters() if p.requires_grad]))
+    outs = [output_and_grads(net, x) for net in (ref, ours)]
     assert torch.allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)  # the forward: PEFT's, as before
     # the LoRA gradients use the output gradient and saved activations only: unchanged too
     for a, b in zip(outs[0][2:], outs[1][2:]):

@@ -223,16 +223,20 @@ def peft_pair(device, dtype, n_in=256, n_out=384, r=16, dropout=0.0, seed=0):
     return nets
 
 
+def output_and_grads(net, x):
+    """net(x) and the gradients of sum(y^2), taken in float32, with respect to x and each trainable weight:
+    (y, dx, *weight grads), on a fresh leaf copy of x."""
+    xi = x.clone().requires_grad_(True)
+    y = net(xi)
+    y.float().square().sum().backward()  # float() is y itself for a float32 output
+    return (y.detach(), xi.grad, *[p.grad for p in net.parameters() if p.requires_grad])
+
+
 def test_single_layer_pair_agrees(monkeypatch):
     ref, ours = peft_pair("cpu", torch.float32)
     calls = count_calls(monkeypatch)
     x = torch.randn(3, 7, 256)
-    ys = []
-    for net in (ref, ours):
-        xi = x.clone().requires_grad_(True)
-        y = net(xi)
-        y.square().sum().backward()
-        ys.append((y.detach(), xi.grad, *[p.grad for p in net.parameters() if p.requires_grad]))
+    ys = [output_and_grads(net, x) for net in (ref, ours)]
     assert len(calls) == 1
     for a, b in zip(*ys):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()

@@ -299,7 +299,7 @@ def test_fused_fp8_layer_stays_near_its_bf16_twin_on_gpu(monkeypatch):
     """A 7B-sized fused LoRA layer (bf16 adapters, dropout 0) with quantization.fp8_matmuls=all against the same layer in
     bf16: output, input gradient and LoRA gradients within 6% relative norm (each FP8 operand is off by at most 1/16
     per element, random in sign; tests/test_fp8.py), and not equal (the FP8 path ran)."""
-    from test_fused import peft_pair
+    from test_fused import output_and_grads, peft_pair
 
     from lorafit import fused
 
@@ -307,12 +307,7 @@ def test_fused_fp8_layer_stays_near_its_bf16_twin_on_gpu(monkeypatch):
     fused.install(ref)
     fused.install(ours, fp8_matmuls="all")
     x = torch.randn(2, 2048, 4096, device="cuda", dtype=torch.bfloat16)
-    outs = []
-    for net in (ref, ours):
-        xi = x.clone().requires_grad_(True)
-        y = net(xi)
-        y.float().square().sum().backward()
-        outs.append((y.detach(), xi.grad, *[p.grad for p in net.parameters() if p.requires_grad]))
+    outs = [output_and_grads(net, x) for net in (ref, ours)]
     for a, b in zip(*outs):
         rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
         assert 0 < rel < 0.06, rel
