@@ -96,25 +96,15 @@ def coerce(key: str, tp, value: Any) -> Any:
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
         raise bad
-    if tp is int:
+    if tp is int or tp is float:
+        # a bool is an int to Python, not a number to a user; an int field takes no fraction, a float field any number
         if isinstance(value, bool):
             raise bad
-        if isinstance(value, int):
-            return value
+        if isinstance(value, int) or (tp is float and isinstance(value, float)):
+            return tp(value)
         if isinstance(value, str):
             try:
-                return int(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
+                return tp(value)
             except ValueError:
                 raise bad from None
         raise bad
