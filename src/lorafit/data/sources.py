@@ -59,10 +59,7 @@ def _read_file(path: Path, bad_rows: str, skipped: list[str]) -> tuple[list[dict
                 else:
                     err = None if isinstance(obj, dict) else "is not a JSON object"
                 if err:
-                    msg = f"{path} line {n} {err}"
-                    if bad_rows == "fail":
-                        raise UserError(f"{msg}; fix the line or set data.bad_rows=skip")
-                    skipped.append(msg)
+                    _bad_row(f"{path} line {n} {err}", "fix the line or set data.bad_rows=skip", bad_rows, skipped)
                     continue
                 recs.append(obj)
                 origins.append((str(path), f"line {n}"))
@@ -94,6 +91,14 @@ def _read_file(path: Path, bad_rows: str, skipped: list[str]) -> tuple[list[dict
     return recs, origins
 
 
+def _bad_row(msg: str, remedy: str, bad_rows: str, skipped: list[str]) -> None:
+    """data.bad_rows for one unreadable row: `fail` stops with its line and what to do, `skip` adds it to `skipped`
+    (the data line counts them, lorafit.data.pipeline)."""
+    if bad_rows == "fail":
+        raise UserError(f"{msg}; {remedy}")
+    skipped.append(msg)
+
+
 def _read_csv(path: Path, bad_rows: str, skipped: list[str]) -> tuple[list[dict], list[tuple[str, str]]]:
     # The csv module refuses a field over 128 KiB by default (a long document is not a mistake; data.max_length
     # truncates it later), and DictReader files a row's extra fields under the key None (which would reach the
@@ -109,9 +114,7 @@ def _read_csv(path: Path, bad_rows: str, skipped: list[str]) -> tuple[list[dict]
                     header = len(reader.fieldnames or [])
                     msg = (f"{path} row {i} (line {reader.line_num}) has {header + len(row[None])} fields, the header "
                            f"names {header}")
-                    if bad_rows == "fail":
-                        raise UserError(f"{msg}; quote fields that hold commas, or set data.bad_rows=skip")
-                    skipped.append(msg)
+                    _bad_row(msg, "quote fields that hold commas, or set data.bad_rows=skip", bad_rows, skipped)
                     continue
                 recs.append(row)
                 origins.append((str(path), f"row {i}"))
