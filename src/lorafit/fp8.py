@@ -50,26 +50,27 @@ def check_device(gpu: int | None, capability: tuple[int, int] | None, notes: lis
                         f"{capability[0]}.{capability[1]}; set quantization.fp8_matmuls=off")
 
 
-def mode_for(mode: str, weight, x) -> str:
-    """The FP8 mode a fused layer's call runs: the recipe's (off | input_grads | all) where this weight and input
-    allow FP8, else off."""
-    return mode if mode != "off" and applies(weight, x) else "off"
+def mode_for(mode: str, weight) -> str:
+    """The FP8 mode of a fused layer, decided once when lorafit.fused installs it (the weight is frozen and already
+    placed, so nothing here changes between calls): the recipe's (off | input_grads | all) where this weight allows
+    FP8, else off."""
+    return mode if mode != "off" and applies(weight) else "off"
 
 
-def applies(weight, x) -> bool:
-    """Whether this 4-bit weight and input can take the FP8 path (else the compute-dtype path runs): NF4, whole
-    blocks per row, and the 16-element alignment FP8 GEMMs need on the two inner dimensions."""
-    qs = weight.quant_state
+def applies(weight) -> bool:
+    """Whether this 4-bit weight can take the FP8 path (else the compute-dtype path runs): NF4, whole blocks per row,
+    the 16-element alignment FP8 GEMMs need on the two inner dimensions, and a CPU or an FP8 GPU."""
+    qs = getattr(weight, "quant_state", None)
+    if qs is None:
+        return False
     n, k = qs.shape
-    return (qs.quant_type == "nf4" and k % qs.blocksize == 0 and k % 16 == 0 and n % 16 == 0
-            and x.shape[-1] == k and (x.device.type == "cpu" or _capability(x.device) >= MIN_CAPABILITY))
-
-
-@functools.cache
-def _capability(device) -> tuple[int, int]:
+    if qs.quant_type != "nf4" or k % qs.blocksize or k % 16 or n % 16:
+        return False
+    if weight.device.type == "cpu":
+        return True
     import torch
 
-    return torch.cuda.get_device_capability(device)
+    return torch.cuda.get_device_capability(weight.device) >= MIN_CAPABILITY
 
 
 def linear(x2, weight, out_dtype):

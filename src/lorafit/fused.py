@@ -208,7 +208,7 @@ def _classes():
             if not plain_4bit(self, x) or (self.bias is not None and self.bias.requires_grad):
                 return super().forward(x)
             return fn.apply(x, None, None, self.weight, self.bias, 1.0, 0.0, self.keep_dequantized,
-                            self.dequant_kernel, fp8.mode_for(self.fp8_matmuls, self.weight, x))
+                            self.dequant_kernel, self.fp8_matmuls)
 
     class FusedLoRA4bit(PeftLinear4bit):
         keep_dequantized = False
@@ -234,8 +234,7 @@ def _classes():
             drop = self.lora_dropout[name]
             p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
             return fn.apply(x, a.weight, b.weight, base.weight, base.bias, float(self.scaling[name]), p,
-                            self.keep_dequantized, self.dequant_kernel,
-                            fp8.mode_for(self.fp8_matmuls, base.weight, x))
+                            self.keep_dequantized, self.dequant_kernel, self.fp8_matmuls)
 
     return FusedFrozen4bit, FusedLoRA4bit
 
@@ -254,8 +253,8 @@ def counts(model) -> dict[str, int]:
 def install(model, keep_dequantized: bool = False, dequant_kernel: str = "bitsandbytes",
             fp8_matmuls: str = "off") -> dict[str, int]:
     """Switch every 4-bit linear of `model` (a PEFT model) to the fused forward; returns how many of each kind.
-    fp8_matmuls: off, input_grads (the base's input-gradient GEMM in FP8) or all (its forward GEMM too), where
-    lorafit.fp8 applies."""
+    fp8_matmuls: off, input_grads (the base's input-gradient GEMM in FP8) or all (its forward GEMM too), on each
+    layer whose weight lorafit.fp8 takes (fp8.mode_for)."""
     import bitsandbytes as bnb
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
@@ -265,12 +264,14 @@ def install(model, keep_dequantized: bool = False, dequant_kernel: str = "bitsan
         if type(m) in (PeftLinear4bit, lora_cls):  # installing again sets the options
             m.__class__ = lora_cls
             counts["lora"] += 1
+            weight = m.base_layer.weight
         elif type(m) in (bnb.nn.Linear4bit, frozen_cls):
             m.__class__ = frozen_cls
             counts["frozen"] += 1
+            weight = m.weight
         else:
             continue
         m.keep_dequantized = keep_dequantized
         m.dequant_kernel = dequant_kernel
-        m.fp8_matmuls = fp8_matmuls
+        m.fp8_matmuls = fp8.mode_for(fp8_matmuls, weight)
     return counts
