@@ -91,7 +91,7 @@ def test_fused_layer_in_fp8_stays_near_its_16_bit_twin(monkeypatch):
     fused.install(ours, fp8_matmuls="all")
     used = []
     real = fp8.linear
-    monkeypatch.setattr(fp8, "linear", lambda *a: (used.append(1), real(*a))[1])
+    monkeypatch.setattr(fp8, "linear", lambda *a, **k: (used.append(1), real(*a, **k))[1])
     calls = count_calls(monkeypatch)
     x = torch.randn(3, 16, 256, generator=torch.Generator().manual_seed(2))
     outs = [output_and_grads(net, x) for net in (ref, ours)]
@@ -99,6 +99,30 @@ def test_fused_layer_in_fp8_stays_near_its_16_bit_twin(monkeypatch):
     for a, b in zip(*outs):  # output, input gradient, lora_A and lora_B gradients
         rel = ((a - b).norm() / a.norm()).item()
         assert 0 < rel < 0.06, rel  # FP8 operands (see above); exactly 0 would mean the FP8 path never ran
+
+
+def test_sibling_projections_share_one_quantized_input(tiny_llama_dir, monkeypatch):
+    """A decoder layer hands one tensor to q_proj, k_proj and v_proj and one to gate_proj and up_proj: with
+    fp8_matmuls=all each tensor is quantized once, 4 row-wise quantizations per layer in the forward instead of 7
+    (q, o, gate, down), plus the backward's 7 per layer (one per input gradient; none for the first layer's q, k, v,
+    whose input comes from the frozen embeddings), with the same loss and gradients, bit for bit, as quantizing at
+    every call."""
+    from test_fused import batch, load, loss_and_grads
+
+    net = load(tiny_llama_dir, "lora.fused=true", "quantization.fp8_matmuls=all")
+    layers = net.get_base_model().config.num_hidden_layers
+    calls = []
+    real = fp8.rowwise
+    monkeypatch.setattr(fp8, "rowwise", lambda t: (calls.append(1), real(t))[1])
+    shared = loss_and_grads(net, batch())
+    assert len(calls) == layers * (4 + 7) - 3
+    assert not fp8._LAST_INPUT  # the backward let go of the forward's last input
+    calls.clear()
+    monkeypatch.setattr(fp8, "_shared_rowwise", lambda t, source: fp8.rowwise(t))
+    each = loss_and_grads(net, batch())
+    assert len(calls) == layers * (7 + 7) - 3
+    assert shared[0] == each[0] and shared[1].keys() == each[1].keys()
+    assert all(torch.equal(shared[1][k], each[1][k]) for k in shared[1])
 
 
 def test_input_grads_mode_leaves_the_forward_in_16_bits():

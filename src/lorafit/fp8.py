@@ -73,11 +73,12 @@ def applies(weight) -> bool:
     return torch.cuda.get_device_capability(weight.device) >= MIN_CAPABILITY
 
 
-def linear(x2, weight, out_dtype):
-    """x2 (tokens, in) @ W^T in FP8; (tokens, out) in out_dtype."""
+def linear(x2, weight, out_dtype, source=None):
+    """x2 (tokens, in) @ W^T in FP8; (tokens, out) in out_dtype. `source`: the tensor x2 was reshaped from, by which
+    sibling projections of one input (q, k, v; gate, up) share its quantization (_shared_rowwise)."""
     import torch
 
-    xq, sx = rowwise(x2)
+    xq, sx = rowwise(x2) if source is None else _shared_rowwise(x2, source)
     wq, sw = weight_e4m3(weight, transpose=False)  # (out, in), scales (1, out)
     return torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw, out_dtype=out_dtype)
 
@@ -86,9 +87,26 @@ def grad_input(g2, weight, out_dtype):
     """g2 (tokens, out) @ W in FP8; (tokens, in) in out_dtype."""
     import torch
 
+    _LAST_INPUT.clear()  # the backward has begun: the forward's last input need not be kept
     gq, sg = rowwise(g2)
     wtq, swt = weight_e4m3(weight, transpose=True)  # (in, out), scales (1, in)
     return torch._scaled_mm(gq, wtq.t(), scale_a=sg, scale_b=swt, out_dtype=out_dtype)
+
+
+# The last forward input quantized, as [source, its version, (e4m3, scales)]: a decoder layer hands one tensor to q_proj,
+# k_proj and v_proj (and one to gate_proj and up_proj), so the second and third calls reuse the first's codes instead
+# of reading the activations and launching the kernel again (3 of 7 launches per layer). The source is held (not a
+# weak reference) so that `is` cannot match a new tensor at a recycled address; its version counter catches an
+# in-place change. Cleared by the first backward GEMM and replaced by the next input: one tensor at most is held.
+_LAST_INPUT: list = []
+
+
+def _shared_rowwise(t, source):
+    if _LAST_INPUT and _LAST_INPUT[0] is source and _LAST_INPUT[1] == source._version:
+        return _LAST_INPUT[2]
+    got = rowwise(t)
+    _LAST_INPUT[:] = [source, source._version, got]
+    return got
 
 
 def rowwise(t):

@@ -122,7 +122,7 @@ def _function_class():
             x2 = x.reshape(-1, x.shape[-1])
             w = None
             if fp8_mode == "all":  # the base GEMM in FP8 (lorafit.fp8); the LoRA half below stays in x's dtype
-                out = fp8.linear(x2, weight, x.dtype)
+                out = fp8.linear(x2, weight, x.dtype, source=x)
                 if bias is not None:
                     out.add_(bias.to(x.dtype))
             else:
