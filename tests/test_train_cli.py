@@ -122,6 +122,20 @@ def test_print_config_prints_recipe_and_layout_and_creates_nothing(tmp_path, tin
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_print_config_stdout_is_only_the_recipe_when_the_hub_is_unreachable():
+    """The seed recipe names hub ids; with no hub to reach, lorafit says it works offline, on stderr: stdout stays the
+    YAML a user saves with `> recipe.yaml` (the recipe, then the layout comment)."""
+    r = run_cli(["--recipe", "llama2_guanaco", "--print-config"],
+                env={"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
+                     "HF_ENDPOINT": "http://127.0.0.1:9", "HTTPS_PROXY": "", "https_proxy": "", "ALL_PROXY": "",
+                     "all_proxy": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "not reachable" in r.stderr and "not reachable" not in r.stdout
+    text, layout = split_print_config(r.stdout)
+    assert from_dict(yaml.safe_load(text), "stdout") == load_recipe("llama2_guanaco")
+    assert r.stdout == text + layout + "\n"
+
+
 def test_saved_recipe_yaml_round_trips(first_run):
     saved = first_run / "recipe.yaml"
     r = run_cli(["--recipe", str(saved), "--print-config"])
