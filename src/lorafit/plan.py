@@ -10,9 +10,13 @@ Per process, in bytes:
   per 256 blocks) + the other parameters (embeddings, head, norms) in the compute dtype; divided by the world size
   under ZeRO-3 and FSDP2, which shard them.
 - LoRA: r*(in+out) per adapted linear, float32 weight + gradient + two AdamW moments = 16 B/param.
-- activations: tokens per micro-step x layers x hidden x c, with c calibrated on an H100 (docs/benchmarks.md,
-  2026-11-27: llama2_guanaco_fast, 7B, 4,096 packed tokens, peak 26.9 GiB with Liger, 32.3 GiB without):
-  c = 44 B with Liger's fused kernels, 54 B without. With checkpointing only each layer's input is kept (2 B)
+- activations: tokens per micro-step x layers x the bytes one layer keeps per token. With lorafit's fused 4-bit
+  layers (lora.fused) and Liger: 19 x hidden + 4.2 x intermediate, fitted on one H100 (2026-12-06, each family's
+  fast recipe, 4 x 1024 packed tokens: Llama-2-7B 19.16 GiB, Llama-3-8B 22.46, Qwen2.5-7B 21.13, Mistral-7B
+  20.99; the fit's least squares are 18.6 and 4.09, within 0.05% of each; rounded up). Otherwise (PEFT's layers,
+  or no Liger) c x hidden, calibrated on an H100 before the fused layers (2026-11-27: llama2_guanaco_fast, 7B,
+  peak 26.9 GiB with Liger, 32.3 GiB without): c = 44 B with Liger, 54 B without. With checkpointing only each
+  layer's input is kept (2 B)
   plus one layer being recomputed. With activation offloading what is kept goes to CPU memory: one layer's
   activations stay, plus two layer inputs in flight on the copy streams (2026-11-28, llama2_guanaco_lean on the 7B
   shape: 5.68 GiB without offloading, 4.80 GiB with it).
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 
 GIB = 2**30
 ACT_BYTES_NO_GC = {True: 44.0, False: 54.0}  # per token x layer x hidden, keyed by Liger on/off (see docstring)
+ACT_BYTES_FUSED = (19.0, 4.2)  # per token x layer: x hidden + x intermediate, fused layers with Liger (docstring)
 FIT_FRACTION = 0.9
 
 
@@ -68,7 +73,7 @@ class Estimate:
 def estimate(shape: Shape, *, lora_r: int, targets: list[str] | None, tokens_per_micro_step: int, gc: bool,
              liger: bool, world: int = 1, zero3: bool = False, double_quant: bool = False,
              load_in_4bit: bool = True, dtype_bytes: int = 2, offload: bool = False,
-             keep_dequantized: bool = False) -> Estimate:
+             keep_dequantized: bool = False, fused: bool = False) -> Estimate:
     lin = shape.linear_shapes()
     linear_params = shape.layers * sum(i * o for i, o in lin.values())
     other_params = 2 * shape.vocab * shape.hidden + shape.layers * 2 * shape.hidden + shape.hidden
@@ -80,7 +85,10 @@ def estimate(shape: Shape, *, lora_r: int, targets: list[str] | None, tokens_per
     if zero3:
         base /= world
     lora = lora_parameters(shape, lora_r, targets) * 16.0
-    per_layer_token = shape.hidden * ACT_BYTES_NO_GC[liger]
+    if fused and liger and load_in_4bit:
+        per_layer_token = ACT_BYTES_FUSED[0] * shape.hidden + ACT_BYTES_FUSED[1] * shape.intermediate
+    else:
+        per_layer_token = shape.hidden * ACT_BYTES_NO_GC[liger]
     if offload:
         act = tokens_per_micro_step * (2 * shape.hidden * 2.0 + per_layer_token)
     elif gc:
@@ -100,7 +108,8 @@ def for_recipe(cfg, shape: Shape, world: int = 1, zero3: bool = False, gc: bool 
         gc=bool(t.gradient_checkpointing) if gc is None else gc, liger=t.liger_kernels, world=world,
         zero3=zero3, double_quant=cfg.quantization.double_quant, load_in_4bit=cfg.quantization.load_in_4bit,
         dtype_bytes=4 if cfg.quantization.compute_dtype == "float32" else 2, offload=t.activation_offloading,
-        keep_dequantized=cfg.quantization.keep_dequantized and cfg.lora.fused)
+        keep_dequantized=cfg.quantization.keep_dequantized and cfg.lora.fused,
+        fused=cfg.lora.fused and not zero3)  # ZeRO-3 and FSDP2 run PEFT's layers (lorafit.layout)
 
 
 def lora_parameters(shape: Shape, r: int, targets) -> int:
