@@ -109,7 +109,7 @@ def test_sibling_projections_share_one_quantized_input(tiny_llama_dir, monkeypat
     every call."""
     from test_fused import batch, load, loss_and_grads
 
-    net = load(tiny_llama_dir, "lora.fused=true", "quantization.fp8_matmuls=all")
+    net = load(tiny_llama_dir, "lora.fused=true", "quantization.fp8_matmuls=all", "quantization.fp8_skip_forward=[]")
     layers = net.get_base_model().config.num_hidden_layers
     calls = []
     real = fp8.rowwise
@@ -123,6 +123,29 @@ def test_sibling_projections_share_one_quantized_input(tiny_llama_dir, monkeypat
     assert len(calls) == layers * (7 + 7) - 3
     assert shared[0] == each[0] and shared[1].keys() == each[1].keys()
     assert all(torch.equal(shared[1][k], each[1][k]) for k in shared[1])
+
+
+def test_skipped_forwards_stay_in_16_bits(tiny_llama_dir, monkeypatch):
+    """fp8_matmuls=all with the default fp8_skip_forward (down_proj): every down_proj, frozen here, runs its forward
+    in the compute dtype and its input gradient in FP8; the other six linears of each layer run both in FP8 (the
+    LoRA-wrapped q_proj and v_proj by their PEFT names, whose inner base_layer is installed too)."""
+    from test_fused import batch, load
+
+    net = load(tiny_llama_dir, "lora.fused=true", "quantization.fp8_matmuls=all")
+    modes = {name: m.fp8_matmuls for name, m in net.named_modules() if hasattr(m, "fp8_matmuls")}
+    layers = net.get_base_model().config.num_hidden_layers
+    for name, mode in modes.items():
+        short = name.removesuffix(".base_layer").rsplit(".", 1)[-1]
+        assert mode == ("input_grads" if short == "down_proj" else "all"), name
+    assert sum(n.endswith("down_proj") for n in modes) == layers
+    forwards = []
+    real = fp8.linear
+    monkeypatch.setattr(fp8, "linear", lambda *a, **k: (forwards.append(1), real(*a, **k))[1])
+    net(**batch()).loss.backward()
+    assert len(forwards) == layers * 6  # q, k, v, o, gate, up; not down
+    with pytest.raises(UserError, match="'dwn_proj' is not a decoder linear; name some of q_proj, k_proj"):
+        recipe.load_recipe("llama2_guanaco", ["lora.fused=true", "quantization.fp8_matmuls=all",
+                                              "quantization.fp8_skip_forward=dwn_proj"])
 
 
 def test_input_grads_mode_leaves_the_forward_in_16_bits():

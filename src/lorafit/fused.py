@@ -251,16 +251,17 @@ def counts(model) -> dict[str, int]:
 
 
 def install(model, keep_dequantized: bool = False, dequant_kernel: str = "bitsandbytes",
-            fp8_matmuls: str = "off") -> dict[str, int]:
+            fp8_matmuls: str = "off", fp8_skip_forward=()) -> dict[str, int]:
     """Switch every 4-bit linear of `model` (a PEFT model) to the fused forward; returns how many of each kind.
     fp8_matmuls: off, input_grads (the base's input-gradient GEMM in FP8) or all (its forward GEMM too), on each
-    layer whose weight lorafit.fp8 takes (fp8.mode_for)."""
+    layer whose weight lorafit.fp8 takes (fp8.mode_for); under all, the layers named in fp8_skip_forward (e.g.
+    down_proj) keep their forward in the compute dtype (input_grads)."""
     import bitsandbytes as bnb
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
     frozen_cls, lora_cls = _classes()
     counts = {"lora": 0, "frozen": 0}
-    for m in model.modules():
+    for name, m in model.named_modules():
         if type(m) in (PeftLinear4bit, lora_cls):  # installing again sets the options
             m.__class__ = lora_cls
             counts["lora"] += 1
@@ -273,5 +274,7 @@ def install(model, keep_dequantized: bool = False, dequant_kernel: str = "bitsan
             continue
         m.keep_dequantized = keep_dequantized
         m.dequant_kernel = dequant_kernel
-        m.fp8_matmuls = fp8.mode_for(fp8_matmuls, weight)
+        mode = fp8.mode_for(fp8_matmuls, weight)
+        short = name.removesuffix(".base_layer").rsplit(".", 1)[-1]  # PEFT's wrapped base: its parent's name
+        m.fp8_matmuls = "input_grads" if mode == "all" and short in fp8_skip_forward else mode
     return counts

@@ -162,12 +162,14 @@ def load_model(cfg: Recipe, layout: Layout, source: str, tokenizer):
     if layout.fused_4bit:
         from lorafit import fused
 
+        skip = cfg.quantization.fp8_skip_forward
         n = fused.install(model, keep_dequantized=layout.keep_dequantized, dequant_kernel=layout.dequant_kernel,
-                          fp8_matmuls=layout.fp8_matmuls)
+                          fp8_matmuls=layout.fp8_matmuls, fp8_skip_forward=skip)
         log.info("fused 4-bit layers: %d with LoRA, %d frozen%s%s%s", n["lora"], n["frozen"],
                  " (16-bit weights kept for the backward)" if layout.keep_dequantized else "",
                  ", Triton dequantize" if layout.dequant_kernel == "triton" else "",
-                 {"off": "", "input_grads": ", base input gradients in FP8", "all": ", base matmuls in FP8"}[
+                 {"off": "", "input_grads": ", base input gradients in FP8",
+                  "all": ", base matmuls in FP8" + (f" ({', '.join(skip)} forward in 16 bits)" if skip else "")}[
                      layout.fp8_matmuls])
     if cfg.training.liger_kernels and layout.device != "cpu":
         apply_liger_kernels(model)
