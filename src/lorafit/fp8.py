@@ -193,39 +193,50 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def scale_rows(src, out, scales, cols, BLOCK: tl.constexpr):
+    def scale_rows(src, out, scales, cols, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
         # one row per program: its largest magnitude, then out = e4m3(float32(src) * (448 / amax)); the two
-        # divisions rounded to nearest (div_rn), as torch divides, so the reference gets the same bits
+        # divisions rounded to nearest (div_rn), as torch divides, so the reference gets the same bits. A row that
+        # fits one BLOCK (ONE_PASS) is read once and kept in registers; a longer one is read again from L2.
         row = tl.program_id(0).to(tl.int64)
-        top = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, cols, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
+        if ONE_PASS:
+            offs = tl.arange(0, BLOCK)
             v = tl.load(src + row * cols + offs, mask=offs < cols, other=0.0).to(tl.float32)
-            top = tl.maximum(top, tl.abs(v))
-        amax = tl.max(top, axis=0)
+            amax = tl.max(tl.abs(v), axis=0)
+        else:
+            top = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, cols, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                v = tl.load(src + row * cols + offs, mask=offs < cols, other=0.0).to(tl.float32)
+                top = tl.maximum(top, tl.abs(v))
+            amax = tl.max(top, axis=0)
         amax = tl.where(amax > 0, amax, 448.0)
         limit = tl.zeros_like(amax) + 448.0
         inv = tl.div_rn(limit, amax)
         tl.store(scales + row, tl.div_rn(amax, limit))
-        for start in range(0, cols, BLOCK):  # the row again, from L2
-            offs = start + tl.arange(0, BLOCK)
-            v = tl.load(src + row * cols + offs, mask=offs < cols, other=0.0).to(tl.float32)
+        if ONE_PASS:
+            offs = tl.arange(0, BLOCK)
             tl.store(out + row * cols + offs, (v * inv).to(tl.float8e4nv), mask=offs < cols)
+        else:
+            for start in range(0, cols, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                v = tl.load(src + row * cols + offs, mask=offs < cols, other=0.0).to(tl.float32)
+                tl.store(out + row * cols + offs, (v * inv).to(tl.float8e4nv), mask=offs < cols)
 
     @triton.jit
-    def nf4_rows_to_e4m3(packed, absmax, table, inv, out, n_bytes, K, QBLOCK: tl.constexpr, BLOCK: tl.constexpr):
-        # W (out, in) in its own layout: BLOCK bytes -> 2 * BLOCK values, the high nibble first, each value times
-        # its row's 448 / s_row (both nibbles of a byte share a row: K is even)
-        pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n_bytes
-        b = tl.load(packed + offs, mask=inside, other=0).to(tl.int32)
-        a = tl.load(absmax + (offs * 2) // QBLOCK, mask=inside, other=0.0)
-        s = tl.load(inv + (offs * 2) // K, mask=inside, other=0.0)
-        hi = ((tl.load(table + ((b >> 4) & 15)) * a) * s).to(tl.float8e4nv)
+    def nf4_rows_to_e4m3(packed, absmax, table, inv, out, K, QBLOCK: tl.constexpr, BLOCK: tl.constexpr):
+        # W (out, in) in its own layout, one segment of one row per program: BLOCK bytes -> 2 * BLOCK values, the
+        # high nibble first, each value times the row's 448 / s_row (loaded once: a flat pass that found each
+        # element's row by dividing by K ran at ~1 TB/s on an H100)
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # bytes within the row
+        inside = offs < K // 2
+        b = tl.load(packed + row * (K // 2) + offs, mask=inside, other=0).to(tl.int32)
+        a = tl.load(absmax + (row * K + offs * 2) // QBLOCK, mask=inside, other=0.0)  # both nibbles: one block
+        s = tl.load(inv + row)
+        hi = ((tl.load(table + (b >> 4)) * a) * s).to(tl.float8e4nv)
         lo = ((tl.load(table + (b & 15)) * a) * s).to(tl.float8e4nv)
-        o = pid * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
-        tl.store(out + o, tl.interleave(hi, lo), mask=o < 2 * n_bytes)
+        o = tl.program_id(1) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
+        tl.store(out + row * K + o, tl.interleave(hi, lo), mask=o < K)
 
     @triton.jit
     def nf4_to_e4m3_t(packed, absmax, table, inv, out, N, K, QBLOCK: tl.constexpr, BN: tl.constexpr,
@@ -248,12 +259,22 @@ def _kernels():
 
 def _triton_rowwise(t):
     import torch
+    import triton
 
     t = t.contiguous()
     out = torch.empty(t.shape, dtype=torch.float8_e4m3fn, device=t.device)
     scales = torch.empty((t.shape[0], 1), dtype=torch.float32, device=t.device)
-    _kernels()[0][(t.shape[0],)](t, out, scales, t.shape[1], BLOCK=2048, num_warps=8)
+    cols = t.shape[1]
+    if cols <= _ONE_PASS_MAX:  # the row in registers: up to 32 fp32 values a thread
+        block = triton.next_power_of_2(cols)
+        _kernels()[0][(t.shape[0],)](t, out, scales, cols, BLOCK=block, ONE_PASS=True,
+                                     num_warps=max(4, min(32, block // 512)))
+    else:
+        _kernels()[0][(t.shape[0],)](t, out, scales, cols, BLOCK=2048, ONE_PASS=False, num_warps=8)
     return out, scales
+
+
+_ONE_PASS_MAX = 32768
 
 
 def _triton_weight(weight, qs, inv, transpose: bool):
@@ -264,10 +285,10 @@ def _triton_weight(weight, qs, inv, transpose: bool):
     table = _table(qs)
     out = torch.empty((k, n) if transpose else (n, k), dtype=torch.float8_e4m3fn, device=weight.device)
     absmax_f32 = _absmax_cached(weight, qs)
-    if not transpose:  # row order: a flat pass over the bytes (a 2-D tile ran ~3x slower on an H100)
-        n_bytes, block = n * k // 2, 1024
-        _kernels()[2][(triton.cdiv(n_bytes, block),)](weight, absmax_f32, table, inv, out, n_bytes, k,
-                                                      QBLOCK=qs.blocksize, BLOCK=block)
+    if not transpose:  # row order: segments of rows (a 2-D tile ran ~3x slower on an H100)
+        block = min(1024, triton.next_power_of_2(k // 2))
+        _kernels()[2][(n, triton.cdiv(k // 2, block))](weight, absmax_f32, table, inv, out, k,
+                                                       QBLOCK=qs.blocksize, BLOCK=block)
         return out
     bn, bb = 64, 32
     grid = (triton.cdiv(n, bn), triton.cdiv(k // 2, bb))
