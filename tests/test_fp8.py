@@ -109,7 +109,8 @@ def test_sibling_projections_share_one_quantized_input(tiny_llama_dir, monkeypat
     every call."""
     from test_fused import batch, load, loss_and_grads
 
-    net = load(tiny_llama_dir, "lora.fused=true", "quantization.fp8_matmuls=all", "quantization.fp8_skip_forward=[]")
+    net = load(tiny_llama_dir, "lora.fused=true", "quantization.fp8_matmuls=all", "quantization.fp8_skip_forward=[]",
+               "quantization.fp8_skip_forward_layers=[]")
     layers = net.get_base_model().config.num_hidden_layers
     calls = []
     real = fp8.rowwise
@@ -126,26 +127,33 @@ def test_sibling_projections_share_one_quantized_input(tiny_llama_dir, monkeypat
 
 
 def test_skipped_forwards_stay_in_16_bits(tiny_llama_dir, monkeypatch):
-    """fp8_matmuls=all with the default fp8_skip_forward (down_proj): every down_proj, frozen here, runs its forward
-    in the compute dtype and its input gradient in FP8; the other six linears of each layer run both in FP8 (the
-    LoRA-wrapped q_proj and v_proj by their PEFT names, whose inner base_layer is installed too)."""
+    """fp8_matmuls=all keeps the forward GEMM in the compute dtype (input gradient still FP8: mode input_grads) for the
+    linears fp8_skip_forward names and for every linear of the layers fp8_skip_forward_layers lists (negative from
+    the end); the rest run both GEMMs in FP8. The LoRA-wrapped q_proj and v_proj count by their PEFT names, whose
+    inner base_layer is installed too. The tiny model has 2 layers, so the default [0, 1, -2, -1] keeps all."""
     from test_fused import batch, load
 
-    net = load(tiny_llama_dir, "lora.fused=true", "quantization.fp8_matmuls=all")
-    modes = {name: m.fp8_matmuls for name, m in net.named_modules() if hasattr(m, "fp8_matmuls")}
-    layers = net.get_base_model().config.num_hidden_layers
-    for name, mode in modes.items():
-        short = name.removesuffix(".base_layer").rsplit(".", 1)[-1]
-        assert mode == ("input_grads" if short == "down_proj" else "all"), name
-    assert sum(n.endswith("down_proj") for n in modes) == layers
+    def modes(net):
+        return {name: m.fp8_matmuls for name, m in net.named_modules() if hasattr(m, "fp8_matmuls")}
+
+    base = ["lora.fused=true", "quantization.fp8_matmuls=all"]
+    net = load(tiny_llama_dir, *base, "quantization.fp8_skip_forward=down_proj",
+               "quantization.fp8_skip_forward_layers=[-1]")
+    got = modes(net)
+    assert len(got) == 2 * (7 + 2)  # 7 linears a layer, q_proj and v_proj also as their base_layer
+    for name, mode in got.items():
+        kept = ".layers.1." in name or name.removesuffix(".base_layer").endswith("down_proj")
+        assert mode == ("input_grads" if kept else "all"), name
     forwards = []
     real = fp8.linear
     monkeypatch.setattr(fp8, "linear", lambda *a, **k: (forwards.append(1), real(*a, **k))[1])
     net(**batch()).loss.backward()
-    assert len(forwards) == layers * 6  # q, k, v, o, gate, up; not down
+    assert len(forwards) == 6  # layer 0's q, k, v, o, gate, up
+    assert set(modes(load(tiny_llama_dir, *base)).values()) == {"input_grads"}  # the default keeps both layers
+    with pytest.raises(UserError, match=r"layer 2 does not exist, the model has 2 decoder layers \(0\.\.1, or -1\.\.-2"):
+        load(tiny_llama_dir, *base, "quantization.fp8_skip_forward_layers=[0,2]")
     with pytest.raises(UserError, match="'dwn_proj' is not a decoder linear; name some of q_proj, k_proj"):
-        recipe.load_recipe("llama2_guanaco", ["lora.fused=true", "quantization.fp8_matmuls=all",
-                                              "quantization.fp8_skip_forward=dwn_proj"])
+        recipe.load_recipe("llama2_guanaco", [*base, "quantization.fp8_skip_forward=dwn_proj"])
 
 
 def test_input_grads_mode_leaves_the_forward_in_16_bits():
@@ -196,7 +204,8 @@ def test_cli_trains_with_fp8_matmuls(tmp_path, tiny_llama_dir, guanaco_dir):
         out = tmp_path / f"fp8-{mode}"
         args = ["--recipe", "llama2_guanaco", *tiny_overrides(tiny_llama_dir, guanaco_dir, out, steps=3),
                 *set_args(["lora.fused=true", f"quantization.fp8_matmuls={mode}",
-                           "training.gradient_checkpointing=false"])]
+                           "training.gradient_checkpointing=false",
+                           "quantization.fp8_skip_forward_layers=[]"])]  # the 2-layer model's forwards in FP8
         r = run_cli(args)
         assert r.returncode == 0, r.stderr[-2000:]
         log = (out / "log.txt").read_text()

@@ -41,6 +41,7 @@ library's own forward.
 from __future__ import annotations
 
 import functools
+import re
 
 from lorafit import fp8
 
@@ -251,17 +252,20 @@ def counts(model) -> dict[str, int]:
 
 
 def install(model, keep_dequantized: bool = False, dequant_kernel: str = "bitsandbytes",
-            fp8_matmuls: str = "off", fp8_skip_forward=()) -> dict[str, int]:
+            fp8_matmuls: str = "off", fp8_skip_forward=(), fp8_skip_forward_layers=()) -> dict[str, int]:
     """Switch every 4-bit linear of `model` (a PEFT model) to the fused forward; returns how many of each kind.
     fp8_matmuls: off, input_grads (the base's input-gradient GEMM in FP8) or all (its forward GEMM too), on each
-    layer whose weight lorafit.fp8 takes (fp8.mode_for); under all, the layers named in fp8_skip_forward (e.g.
-    down_proj) keep their forward in the compute dtype (input_grads)."""
+    layer whose weight lorafit.fp8 takes (fp8.mode_for); under all, the linears named in fp8_skip_forward (e.g.
+    down_proj) and every linear of the decoder layers in fp8_skip_forward_layers (indices, negative from the end)
+    keep their forward in the compute dtype (input_grads)."""
     import bitsandbytes as bnb
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
     frozen_cls, lora_cls = _classes()
     counts = {"lora": 0, "frozen": 0}
-    for name, m in model.named_modules():
+    named = list(model.named_modules())
+    skip_layers = _layer_indices(named, fp8_skip_forward_layers) if fp8_matmuls == "all" else set()
+    for name, m in named:
         if type(m) in (PeftLinear4bit, lora_cls):  # installing again sets the options
             m.__class__ = lora_cls
             counts["lora"] += 1
@@ -276,5 +280,27 @@ def install(model, keep_dequantized: bool = False, dequant_kernel: str = "bitsan
         m.dequant_kernel = dequant_kernel
         mode = fp8.mode_for(fp8_matmuls, weight)
         short = name.removesuffix(".base_layer").rsplit(".", 1)[-1]  # PEFT's wrapped base: its parent's name
-        m.fp8_matmuls = "input_grads" if mode == "all" and short in fp8_skip_forward else mode
+        layer = _LAYER.search(name)
+        kept = short in fp8_skip_forward or (layer is not None and int(layer.group(1)) in skip_layers)
+        m.fp8_matmuls = "input_grads" if mode == "all" and kept else mode
     return counts
+
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")  # a decoder layer's index in a module's name (Llama, Qwen2, Mistral)
+
+
+def _layer_indices(named, wanted) -> set[int]:
+    """The decoder-layer indices `wanted` names (negative from the end), checked against the model's layer count."""
+    from lorafit.errors import UserError
+
+    found = [int(h.group(1)) for n, _ in named if (h := _LAYER.search(n))]
+    count = max(found) + 1 if found else 0
+    if wanted and not count:
+        raise UserError("quantization.fp8_skip_forward_layers: this model's module names show no decoder layers "
+                        "('.layers.N.'); set it to [] and name linears in fp8_skip_forward instead")
+    bad = [i for i in wanted if not -count <= i < count]
+    if bad:
+        raise UserError(f"quantization.fp8_skip_forward_layers: layer {bad[0]} does not exist, the model has {count} "
+                        f"decoder layers (0..{count - 1}, or -1..-{count} from the end); set indices in that range, "
+                        "or [] for none")
+    return {i % count for i in wanted}

@@ -162,14 +162,16 @@ def load_model(cfg: Recipe, layout: Layout, source: str, tokenizer):
     if layout.fused_4bit:
         from lorafit import fused
 
-        skip = cfg.quantization.fp8_skip_forward
+        q = cfg.quantization
         n = fused.install(model, keep_dequantized=layout.keep_dequantized, dequant_kernel=layout.dequant_kernel,
-                          fp8_matmuls=layout.fp8_matmuls, fp8_skip_forward=skip)
+                          fp8_matmuls=layout.fp8_matmuls, fp8_skip_forward=q.fp8_skip_forward,
+                          fp8_skip_forward_layers=q.fp8_skip_forward_layers)
+        kept = [*q.fp8_skip_forward, *(f"layer {i}" for i in q.fp8_skip_forward_layers)]
         log.info("fused 4-bit layers: %d with LoRA, %d frozen%s%s%s", n["lora"], n["frozen"],
                  " (16-bit weights kept for the backward)" if layout.keep_dequantized else "",
                  ", Triton dequantize" if layout.dequant_kernel == "triton" else "",
                  {"off": "", "input_grads": ", base input gradients in FP8",
-                  "all": ", base matmuls in FP8" + (f" ({', '.join(skip)} forward in 16 bits)" if skip else "")}[
+                  "all": ", base matmuls in FP8" + (f" (forward in 16 bits: {', '.join(kept)})" if kept else "")}[
                      layout.fp8_matmuls])
     if cfg.training.liger_kernels and layout.device != "cpu":
         apply_liger_kernels(model)
