@@ -17,7 +17,9 @@ consecutive values of a row (W[n, k] = c * a, c in NF4's table, which spans [-1,
 Mode `input_grads` runs only the second GEMM in FP8 (each step's loss is computed as without it), `all` both.
 e4m3 keeps 3 mantissa bits, a relative rounding of at most 1/16 per operand element (random in sign); the per-row
 scales keep one outlier token or row from costing the others their precision. The effect on the loss is measured in
-docs/benchmarks.md (bench/loss_parity.py --fp8): ~0.01% for input_grads, ~1% for all, on SmolLM2-135M.
+docs/benchmarks.md (bench/loss_parity.py --fp8, SmolLM2-135M, 50 steps): ~0.01% for input_grads; for all,
+1.19% with every forward in FP8 and ~0.6% with the first two and last two decoder layers' forwards kept in the
+compute dtype (quantization.fp8_skip_forward_layers, lorafit.fused.install), where FP8 costs the loss most.
 
 Every value is computed as (c * a) * (448 / s) in float32 and rounded once to e4m3, on every path: the Triton kernels
 on a GPU and the torch reference (a CPU run, and what tests/test_gpu.py checks the kernels against bit for bit). The
