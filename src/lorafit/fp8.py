@@ -52,6 +52,17 @@ def check_device(gpu: int | None, capability: tuple[int, int] | None, notes: lis
                         f"{capability[0]}.{capability[1]}; set quantization.fp8_matmuls=off")
 
 
+def check_layers(indices, layers: int) -> None:
+    """quantization.fp8_skip_forward_layers against a model of `layers` decoder layers (negative from the end)."""
+    bad = [i for i in indices if not -layers <= i < layers]
+    if bad:
+        from lorafit.errors import UserError
+
+        raise UserError(f"quantization.fp8_skip_forward_layers: layer {bad[0]} does not exist, the model has {layers} "
+                        f"decoder layers (0..{layers - 1}, or -1..-{layers} from the end); set indices in that range, "
+                        "or [] for none")
+
+
 def mode_for(mode: str, weight) -> str:
     """The FP8 mode of a fused layer, decided once when lorafit.fused installs it (the weight is frozen and already
     placed, so nothing here changes between calls): the recipe's (off | input_grads | all) where this weight allows

@@ -290,7 +290,7 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")  # a decoder layer's index in a module
 
 
 def _layer_indices(named, wanted) -> set[int]:
-    """The decoder-layer indices `wanted` names (negative from the end), checked against the model's layer count."""
+    """The decoder-layer indices `wanted` names (negative from the end), as a set of layer numbers."""
     from lorafit.errors import UserError
 
     found = [int(h.group(1)) for n, _ in named if (h := _LAYER.search(n))]
@@ -298,9 +298,5 @@ def _layer_indices(named, wanted) -> set[int]:
     if wanted and not count:
         raise UserError("quantization.fp8_skip_forward_layers: this model's module names show no decoder layers "
                         "('.layers.N.'); set it to [] and name linears in fp8_skip_forward instead")
-    bad = [i for i in wanted if not -count <= i < count]
-    if bad:
-        raise UserError(f"quantization.fp8_skip_forward_layers: layer {bad[0]} does not exist, the model has {count} "
-                        f"decoder layers (0..{count - 1}, or -1..-{count} from the end); set indices in that range, "
-                        "or [] for none")
+    fp8.check_layers(wanted, count)  # lorafit.layout checked them against config.json before the run folder
     return {i % count for i in wanted}

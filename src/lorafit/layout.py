@@ -179,7 +179,7 @@ def decide(
         )
     gc = _checkpointing(cfg, launch, shape, gpu_gib, notes)
     fused, keep, dequant = _fused_layers(cfg, launch, gc, notes)
-    use_fp8 = _fp8(cfg, launch, fused, gpu_capability, notes)
+    use_fp8 = _fp8(cfg, launch, fused, gpu_capability, notes, shape)
     optimizer = _optimizer(cfg, launch, notes)
     t = cfg.training
     return Layout(
@@ -371,8 +371,8 @@ def _fused_layers(cfg: Recipe, launch: _Launch, gc: bool, notes: list[str]) -> t
     return fused, keep, dequant
 
 
-def _fp8(cfg: Recipe, launch: _Launch, fused: bool, capability, notes: list[str]) -> str:
-    mode = cfg.quantization.fp8_matmuls
+def _fp8(cfg: Recipe, launch: _Launch, fused: bool, capability, notes: list[str], shape) -> str:
+    mode, layers = cfg.quantization.fp8_matmuls, cfg.quantization.fp8_skip_forward_layers
     if mode != "off" and not fused:
         notes.append("quantization.fp8_matmuls off: it runs inside the fused layers, which this layout turns off")
     if mode == "off" or not fused:
@@ -380,6 +380,10 @@ def _fp8(cfg: Recipe, launch: _Launch, fused: bool, capability, notes: list[str]
     from lorafit import fp8
 
     fp8.check_device(None if launch.on_cpu else launch.local, capability, notes)
+    if mode == "all" and layers:  # the indices against the model's depth (its config.json), before any folder
+        from lorafit import plan
+
+        fp8.check_layers(layers, (shape or plan.shape_of(cfg.model)).layers)
     return mode
 
 
