@@ -77,9 +77,9 @@ def main(run: Callable[[argparse.Namespace], int], argv: list[str] | None = None
         from lorafit.recipe import describe_recipes
 
         return guarded(lambda: print(describe_recipes()) or 0)
-    # --print-config and --plan print a result to stdout (YAML one can save and pass back as --recipe): lorafit's own
-    # lines (the hub-offline note) go to stderr then, as for src/generate.py
-    return guarded(lambda: run(args), sys.stderr if args.print_config or args.plan else None)
+    # --print-config prints YAML one can save and pass back as --recipe: lorafit's own lines (the hub-offline note)
+    # go to stderr then, as for src/generate.py (--plan's text is for reading; its notes stay beside it)
+    return guarded(lambda: run(args), sys.stderr if args.print_config else None)
 
 
 def guarded(body: Callable[[], int], stream=None) -> int:
