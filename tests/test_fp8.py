@@ -11,8 +11,9 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 from test_fused import count_calls, output_and_grads, peft_pair
+from test_plan import LLAMA2_7B
 
-from lorafit import fp8, fused, layout, plan, recipe
+from lorafit import fp8, fused, layout, recipe
 from lorafit.errors import UserError
 
 N, K = 96, 256
@@ -179,8 +180,7 @@ def test_recipe_and_layout_rules(monkeypatch):
     with pytest.raises(UserError, match="fp8_matmuls"):
         recipe.load_recipe("llama2_guanaco", ["lora.fused=true", "quantization.fp8_matmuls=true"])  # a mode, not a bool
     cfg = recipe.load_recipe("llama2_guanaco", base)
-    llama2_7b = plan.Shape(hidden=4096, intermediate=11008, layers=32, vocab=32000, heads=32, kv_heads=32)
-    gpu = dict(env={}, cuda_available=True, bf16_supported=True, gpu_count=1, gpu_gib=80.0, shape=llama2_7b)
+    gpu = dict(env={}, cuda_available=True, bf16_supported=True, gpu_count=1, gpu_gib=80.0, shape=LLAMA2_7B)
     assert layout.decide(cfg, gpu_capability=(9, 0), **gpu).fp8_matmuls == "all"
     with pytest.raises(UserError, match=r"compute capability 8\.9\+.*this GPU is 8\.0"):
         layout.decide(cfg, gpu_capability=(8, 0), **gpu)
@@ -191,7 +191,7 @@ def test_recipe_and_layout_rules(monkeypatch):
         over = recipe.load_recipe("llama2_guanaco", [*base, f"quantization.fp8_skip_forward_layers=[0,{bad}]"])
         with pytest.raises(UserError, match=f"layer {bad} does not exist, the model has 32 decoder layers"):
             layout.decide(over, gpu_capability=(9, 0), **gpu)
-    cpu = layout.decide(cfg, env={}, cuda_available=False, shape=llama2_7b)
+    cpu = layout.decide(cfg, env={}, cuda_available=False, shape=LLAMA2_7B)
     assert cpu.fp8_matmuls == "all" and any("reference path" in n for n in cpu.notes)
     zero3 = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "ACCELERATE_USE_DEEPSPEED": "true",
              "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_MIXED_PRECISION": "bf16"}
