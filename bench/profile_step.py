@@ -169,11 +169,12 @@ def main() -> None:
     cfg = recipe.load_recipe(a.recipe, sets)
     lay = layout.decide(cfg)
     args_hf = trainer.build_args(cfg, lay, str(out / "run"), has_eval=False)
-    source = model.materialize(cfg.model, True)
-    tok = model.load_tokenizer(cfg, source)
     from lorafit import data
+    from lorafit import source as sources
 
-    prepared = data.prepare(cfg.data, tok)
+    source = sources.materialize(cfg.model, True)
+    tok = model.load_tokenizer(cfg, source)
+    prepared = data.prepare_data(cfg.data, tok, True)
     net = model.load_model(cfg, lay, source, tok)
     if a.sync_audit:
         audit = SyncAudit(a.warmup + 1, a.steps)

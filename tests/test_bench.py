@@ -61,3 +61,17 @@ def test_without_turns_the_sync_free_pieces_off_for_the_benchmarks_only():
 
     with pytest.raises(SystemExit, match="unknown piece"):
         without.turn_off(["mask_skp"])
+
+
+def test_profile_step_builds_and_profiles_a_cpu_run(tmp_path, tiny_llama_dir, guanaco_dir):
+    """bench/profile_step.py builds the run as src/train.py does: a rename in lorafit must not leave it behind (it
+    once called a loader that had moved). Two profiled steps of the tiny model on CPU write the summary."""
+    from conftest import run_cli, set_args, tiny_overrides
+
+    sets = tiny_overrides(tiny_llama_dir, guanaco_dir, tmp_path / "unused")[1::2]  # the k=v after each --set
+    sets = [s for s in sets if not s.startswith(("output.dir=", "training.max_steps="))]  # the script sets these
+    args = ["--recipe", "llama2_guanaco", *set_args(sets), "--steps", "2", "--warmup", "1", "--out", str(tmp_path / "p")]
+    r = run_cli(args, script="bench/profile_step.py")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    s = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert s["device"] == "cpu" and s["profiled_steps"] == 2 and len(s["wall_s_per_step"]) == 2
