@@ -16,12 +16,13 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("recipe,optimizer,extra", [("llama2_guanaco", "paged_adamw_32bit", []),
-                                                    ("llama2_guanaco_fast", "paged_adamw_32bit", []),
-                                                    ("llama2_guanaco_fast", "lorafit_adamw_32bit", []),
-                                                    ("llama2_guanaco_fast", "lorafit_adamw_32bit",
-                                                     ["quantization.dequant_kernel=triton"])])
-def test_cli_trains_on_gpu_bf16(tmp_path, tiny_llama_dir, guanaco_dir, recipe, optimizer, extra):
+@pytest.mark.parametrize("recipe,optimizer,extra,says", [
+    ("llama2_guanaco", "paged_adamw_32bit", [], None),
+    ("llama2_guanaco_fast", "paged_adamw_32bit", [], None),
+    ("llama2_guanaco_fast", "lorafit_adamw_32bit", [], None),
+    ("llama2_guanaco_fast", "lorafit_adamw_32bit", ["quantization.dequant_kernel=triton"], "Triton dequantize"),
+    ("llama2_guanaco_fast", "lorafit_adamw_32bit", ["training.cuda_graphs=true"], "CUDA graphs: captured 2 decoder layers")])
+def test_cli_trains_on_gpu_bf16(tmp_path, tiny_llama_dir, guanaco_dir, recipe, optimizer, extra, says):
     out = tmp_path / "run"
     sets = tiny_overrides(tiny_llama_dir, guanaco_dir, out, steps=4)
     # back to the recipe's own GPU settings: bf16 compute, its optimizer (the fast recipe: varlen attention too)
@@ -30,8 +31,8 @@ def test_cli_trains_on_gpu_bf16(tmp_path, tiny_llama_dir, guanaco_dir, recipe, o
     first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
     r = run_cli(["--recipe", recipe, *sets], env={"CUDA_VISIBLE_DEVICES": first})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    if extra:  # lorafit.model logs the kernel the fused layers run
-        assert "Triton dequantize" in r.stdout + r.stderr
+    if says:  # lorafit.model logs the kernel the fused layers run; lorafit.graphs what it captures
+        assert says in r.stdout + r.stderr
     s = read_summary(out)
     assert s["steps"] == 4 and s["layout"] == "single"
     assert s["peak_gpu_memory_gib"] > 0
@@ -311,3 +312,50 @@ def test_fused_fp8_layer_stays_near_its_bf16_twin_on_gpu(monkeypatch):
     for a, b in zip(*outs):
         rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
         assert 0 < rel < 0.06, rel
+
+
+def test_graphed_layers_replay_the_eager_step():
+    """lorafit.graphs on a small Llama (varlen attention, q/v trainable as LoRA would be): a step padded to its static
+    shape gives the eager step's loss bit for bit (the same kernels, replayed) and its gradients within flash
+    attention's own nondeterminism (its backward accumulates dq with atomics); the graphs are taken on every such
+    training step and on nothing else (an unpadded batch, a no-grad forward)."""
+    from test_fastpath import packed
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorafit import attention, graphs
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    m = LlamaForCausalLM._from_config(cfg, attn_implementation=attention.register_varlen_attention())
+    m = m.to("cuda", torch.bfloat16).train()
+    for n, p in m.named_parameters():
+        p.requires_grad_(n.endswith(("q_proj.weight", "v_proj.weight")))
+    attention.skip_mask_building(m)
+    _, batch = packed([40, 7, 100, 1, 60])
+    batch["labels"] = batch["input_ids"].clone()
+    unpadded = dict(batch)
+    shape = graphs.static_shape(2, 128, [3, 2])  # 256 tokens, 3 + 2 real sequences + 2 pad ones at most
+    assert graphs.pad_batch(batch, shape, pad_id=0)
+
+    def on_gpu(b):
+        return {k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()}
+
+    def step(b):
+        m.zero_grad(set_to_none=True)
+        loss = m(**on_gpu(b)).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.parameters() if p.requires_grad]
+
+    ref, g_ref = step(batch)
+    g = graphs.install(m, shape)
+    for _ in range(3):
+        loss, grads = step(batch)
+        assert torch.equal(loss, ref)
+        for a, b in zip(grads, g_ref, strict=True):
+            assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+    assert g.replays == 3
+    step(unpadded)  # 208 tokens: not the static shape, runs eagerly
+    with torch.no_grad():
+        m(**on_gpu(batch))
+    assert g.replays == 3

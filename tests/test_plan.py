@@ -67,6 +67,15 @@ def test_kept_weights_cost_two_bytes_per_base_parameter():
         plan.for_recipe(recipe.load_recipe("llama2_guanaco_fast"), LLAMA2_7B).total_gib + 12.06, abs=0.01)
 
 
+def test_cuda_graphs_cost_one_layer_input_per_layer():
+    # 4096 tokens x 32 layers x 4096 hidden x 2 B = 1.0 GiB (the 7B fast recipe measured +0.70 GiB with FP8)
+    fast = recipe.load_recipe("llama2_guanaco_fast")
+    graphed = recipe.load_recipe("llama2_guanaco_fast", ["training.cuda_graphs=true"])
+    assert plan.for_recipe(graphed, LLAMA2_7B).total_gib - plan.for_recipe(fast, LLAMA2_7B).total_gib == \
+        pytest.approx(1.0, abs=1e-9)
+    assert plan.for_recipe(graphed, LLAMA2_7B, world=2).total_gib == plan.for_recipe(fast, LLAMA2_7B, world=2).total_gib
+
+
 @pytest.mark.parametrize(("offload", "measured_gib"), [(False, 5.675), (True, 4.798)])
 def test_lean_estimate_matches_h100_measurements(offload, measured_gib):
     # docs/benchmarks.md, 2026-11-28, one H100: llama2_guanaco_lean (GC on, Liger) on the 7B shape, 4 x 1024 packed

@@ -88,6 +88,7 @@ class Layout:
     indexed_lm_head: bool = True  # the training loss's LM head on host-indexed positions (lorafit.lm_head)
     dequant_kernel: str = "bitsandbytes"  # the fused layers' NF4 dequantize: bitsandbytes | triton (lorafit.fused)
     fp8_matmuls: str = "off"  # the fused layers' base GEMMs in FP8: off | input_grads | all (lorafit.fp8)
+    cuda_graphs: bool = False  # decoder layers replayed as CUDA graphs on fixed-shape steps (lorafit.graphs)
     optimizer: str = ""  # training.optimizer, or its torch twin where the layout cannot run bitsandbytes' (FSDP2)
     notes: list[str] = field(default_factory=list)
 
@@ -208,6 +209,7 @@ def decide(
         indexed_lm_head=launch.kind != "zero3",
         dequant_kernel=dequant,
         fp8_matmuls=use_fp8,
+        cuda_graphs=_graphs(cfg, launch, gc, notes),
         optimizer=optimizer,
         notes=notes,
     )
@@ -385,6 +387,16 @@ def _fp8(cfg: Recipe, launch: _Launch, fused: bool, capability, notes: list[str]
 
         fp8.check_layers(layers, (shape or plan.shape_of(cfg.model)).layers)
     return mode
+
+
+def _graphs(cfg: Recipe, launch: _Launch, gc: bool, notes: list[str]) -> bool:
+    """training.cuda_graphs where lorafit.graphs can capture the step, else a note saying why not."""
+    from lorafit import graphs
+
+    why = graphs.why_not(cfg, launch.on_cpu, launch.kind, launch.world, gc) if cfg.training.cuda_graphs else None
+    if why:
+        notes.append(f"training.cuda_graphs off: {why}")
+    return cfg.training.cuda_graphs and not why
 
 
 def _optimizer(cfg: Recipe, launch: _Launch, notes: list[str]) -> str:

@@ -16,15 +16,15 @@ import time
 
 from trl import SFTConfig, SFTTrainer
 
-from lorafit import mfu, shard
+from lorafit import graphs, mfu, shard
+from lorafit.data.collate import REAL_TOKENS_KEY, CountingCollator
 from lorafit.errors import UserError
 from lorafit.layout import Layout
-from lorafit.lm_head import LABEL_INDEX_KEY, install_indexed_lm_head, label_index
+from lorafit.lm_head import LABEL_INDEX_KEY, install_indexed_lm_head
 from lorafit.optim import LORAFIT_OPTIMIZERS, repage_optimizer_state
 from lorafit.recipe import Recipe
 
 log = logging.getLogger("lorafit")
-REAL_TOKENS_KEY = "lorafit_real_tokens"
 
 
 def build_args(cfg: Recipe, layout: Layout, run_dir: str, has_eval: bool) -> SFTConfig:
@@ -106,24 +106,6 @@ def check_optimizer(name: str) -> None:
         close = difflib.get_close_matches(name, valid, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else "e.g. paged_adamw_32bit, adamw_torch"
         raise UserError(f"training.optimizer={name!r} is not an optimizer transformers knows; {hint}")
-
-
-class CountingCollator:
-    """Wraps TRL's collator: counts real (non-pad) tokens of each batch on the host, where it costs no sync, and
-    (index_labels) lists the labelled positions there for the indexed LM head (lorafit.lm_head.label_index)."""
-
-    def __init__(self, inner, index_labels: bool = False):
-        self.inner = inner
-        self.index_labels = index_labels
-
-    def __call__(self, examples):
-        batch = self.inner(examples)
-        batch[REAL_TOKENS_KEY] = sum(len(ex["input_ids"]) for ex in examples)
-        if self.index_labels:
-            idx = label_index(batch)
-            if idx is not None:
-                batch[LABEL_INDEX_KEY] = idx
-        return batch
 
 
 class LorafitTrainer(SFTTrainer):
@@ -394,6 +376,8 @@ def build_trainer(cfg: Recipe, layout: Layout, args: SFTConfig, model, tokenizer
 
     sft.remove_callback(PrinterCallback)
     sft.remove_callback(ProgressCallback)
+    if layout.cuda_graphs:
+        sft.graphs = graphs.attach(sft, cfg.training.per_device_batch_size, cfg.data.max_length, tokenizer.pad_token_id)
     if (args.deepspeed_plugin is not None) != sft.is_deepspeed_enabled:
         # transformers prepared the model for one engine and accelerate set up another (accelerate's CPU path drops
         # DeepSpeed: ZeRO-2 would silently run as DDP). lorafit.layout refuses the known causes; anything else is a bug.

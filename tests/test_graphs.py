@@ -1,0 +1,98 @@
+"""lorafit.graphs on the CPU: the fixed step shape, the padding that reaches it (exact values, worked by hand), the
+loss it leaves unchanged, and where the layout turns the graphs off. The capture and replay run in tests/test_gpu.py."""
+
+import pytest
+import torch
+from test_fastpath import packed, tiny_llama
+from test_plan import LLAMA2_7B
+
+from lorafit import graphs, layout, recipe
+
+
+def test_static_shape_bounds_every_step_of_the_data():
+    # rows holding 5, 1, 7, 2 sequences, 3 rows a step: at most 7 + 5 + 2 real sequences, plus 3 pad ones
+    s = graphs.static_shape(3, 1024, [5, 1, 7, 2])
+    assert (s.tokens, s.max_len, s.seqs) == (3072, 1024, 17)
+
+
+def test_pad_batch_fills_a_packed_step_to_the_fixed_shape():
+    _, batch = packed([3, 2])
+    batch["labels"] = batch["input_ids"].clone()
+    ids = batch["input_ids"].clone()
+    shape = graphs.StaticShape(tokens=12, max_len=4, seqs=6)
+    assert graphs.pad_batch(batch, shape, pad_id=7)
+    # 7 tokens to add: pad sequences of 4 and 3 (max_len 4), then 2 empty ones make the 6 sequences
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 12, 12, 12]
+    assert batch["cu_seq_lens_k"] is batch["cu_seq_lens_q"] and batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 4
+    assert batch["input_ids"].tolist() == [ids[0].tolist() + [7] * 7]
+    assert batch["labels"].tolist() == [ids[0].tolist() + [-100] * 7]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 0, 1, 2]]
+
+
+def test_pad_batch_leaves_a_step_that_does_not_fit_unchanged():
+    for lens, shape in (([3, 2], graphs.StaticShape(tokens=4, max_len=4, seqs=6)),  # 5 tokens > 4
+                        ([1, 1, 1], graphs.StaticShape(tokens=12, max_len=4, seqs=4)),  # 3 + 3 pad > 4 sequences
+                        ([5], graphs.StaticShape(tokens=12, max_len=4, seqs=6))):  # a sequence longer than max_len
+        _, batch = packed(lens)
+        before = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+        assert not graphs.pad_batch(batch, shape, pad_id=0)
+        assert all(torch.equal(batch[k], v) if torch.is_tensor(v) else batch[k] == v for k, v in before.items())
+    _, batch = packed([3])
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])  # a padded batch, not a padding-free one
+    assert not graphs.pad_batch(batch, graphs.StaticShape(tokens=12, max_len=4, seqs=6), pad_id=0)
+
+
+def test_padded_step_has_the_unpadded_loss_and_gradients():
+    """The pad sequences attend only to themselves and carry no labels: the real tokens' loss and the gradients are
+    the unpadded step's (float32 on the CPU: equal up to the matmuls' summation order)."""
+    m = tiny_llama("varlen").train()
+    _, batch = packed([9, 3, 12])
+    batch["labels"] = batch["input_ids"].clone()
+    padded = dict(batch)
+    assert graphs.pad_batch(padded, graphs.static_shape(2, 16, [2, 1]), pad_id=0)
+    assert padded["input_ids"].shape[1] == 32 and padded["cu_seq_lens_q"].numel() == 2 + 1 + 2 + 1
+
+    def step(b):
+        m.zero_grad(set_to_none=True)
+        loss = m(**b).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    ref, g_ref = step(batch)
+    got, g_got = step(padded)
+    assert torch.allclose(got, ref, rtol=1e-6, atol=0), (got, ref)
+    for a, b in zip(g_got, g_ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    g_bad = [g.clone() for g in g_got]
+    m.model.layers[0].mlp.up_proj.weight.data[0, 0] += 1.0  # the check bites: another model, other gradients
+    _, g_other = step(padded)
+    assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_other, g_bad))
+
+
+GPU = dict(env={}, cuda_available=True, bf16_supported=True, gpu_count=1, gpu_gib=80.0, shape=LLAMA2_7B)
+
+
+def test_layout_takes_graphs_only_where_they_can_capture_the_step():
+    on = ["training.cuda_graphs=true"]
+    assert layout.decide(recipe.load_recipe("llama2_guanaco_fast", on), **GPU).cuda_graphs
+    assert not layout.decide(recipe.load_recipe("llama2_guanaco_fast"), **GPU).cuda_graphs  # off unless asked
+    for extra, why in ((["training.gradient_accumulation_steps=2"], "gradient_accumulation_steps > 1"),
+                       (["training.gradient_checkpointing=true"], "gradient checkpointing is on"),
+                       (["data.packing=false", "data.padding_free=true", "model.attn_implementation=sdpa"],
+                        "packed varlen batches")):
+        lay = layout.decide(recipe.load_recipe("llama2_guanaco_fast", on + extra), **GPU)
+        assert not lay.cuda_graphs and any(n.startswith("training.cuda_graphs off: ") and why in n for n in lay.notes), lay.notes
+    cpu = layout.decide(recipe.load_recipe("llama2_guanaco_fast", on), env={}, cuda_available=False, shape=LLAMA2_7B)
+    assert not cpu.cuda_graphs and "training.cuda_graphs off: a CPU run" in cpu.notes
+    ddp = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "ACCELERATE_MIXED_PRECISION": "bf16"}
+    lay = layout.decide(recipe.load_recipe("llama2_guanaco_fast", on), **{**GPU, "env": ddp, "gpu_count": 2})
+    assert not lay.cuda_graphs and "training.cuda_graphs off: ddp runs several processes" in lay.notes
+
+
+@pytest.mark.parametrize("bad", ["yes please", "2"])
+def test_cuda_graphs_key_is_a_bool(bad):
+    from lorafit.errors import UserError
+
+    with pytest.raises(UserError, match="training.cuda_graphs"):
+        recipe.load_recipe("llama2_guanaco_fast", [f"training.cuda_graphs={bad}"])
