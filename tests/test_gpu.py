@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
     ("llama2_guanaco_fast", "paged_adamw_32bit", [], None),
     ("llama2_guanaco_fast", "lorafit_adamw_32bit", [], None),
     ("llama2_guanaco_fast", "lorafit_adamw_32bit", ["quantization.dequant_kernel=triton"], "Triton dequantize"),
-    ("llama2_guanaco_fast", "lorafit_adamw_32bit", ["training.cuda_graphs=true"], "CUDA graphs: captured 2 decoder layers")])
+    ("llama2_guanaco_fast", "lorafit_adamw_32bit", ["training.cuda_graphs=true", "data.eval_fraction=0.25", "training.eval_steps=2"],  # evaluation between
+     "CUDA graphs: captured 2 decoder layers")])  # graphed steps runs eagerly
 def test_cli_trains_on_gpu_bf16(tmp_path, tiny_llama_dir, guanaco_dir, recipe, optimizer, extra, says):
     out = tmp_path / "run"
     sets = tiny_overrides(tiny_llama_dir, guanaco_dir, out, steps=4)
