@@ -1,6 +1,8 @@
 """lorafit.graphs on the CPU: the fixed step shape, the padding that reaches it (exact values, worked by hand), the
 loss it leaves unchanged, and where the layout turns the graphs off. The capture and replay run in tests/test_gpu.py."""
 
+import functools
+
 import pytest
 import torch
 from test_fastpath import packed, tiny_llama
@@ -96,3 +98,44 @@ def test_cuda_graphs_key_is_a_bool(bad):
 
     with pytest.raises(UserError, match="training.cuda_graphs"):
         recipe.load_recipe("llama2_guanaco_fast", [f"training.cuda_graphs={bad}"])
+
+
+def test_dispatch_takes_the_graphs_on_fixed_shape_training_steps_only(monkeypatch):
+    """install() and the per-layer dispatch on the CPU, with torch's capture replaced by a stub that returns the
+    layer steps themselves (a CPU has no graphs): the first fixed-shape training step captures once, from copies of its
+    own inputs (layer 0's without grad, the later ones with: LoRA-like trainable weights upstream), and every such step
+    goes through the captured callables with the eager loss; a no-grad forward, an unpadded batch and eval mode stay
+    with the layers' own forwards."""
+    m = tiny_llama("varlen").train()
+    for n, p in m.named_parameters():
+        p.requires_grad_(n.endswith(("q_proj.weight", "v_proj.weight")))
+    captured = []
+
+    def stub(steps, samples, num_warmup_iters):
+        captured.append([s[0].requires_grad for s in samples])
+        calls = []
+        for step in steps:
+            step.forward = functools.partial(lambda f, *a: (calls.append(1), f(*a))[1], step.forward)
+        captured.append(calls)
+        return steps
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", stub)
+    _, batch = packed([9, 3, 12])
+    batch.update(labels=batch["input_ids"].clone(), use_cache=False)  # as lorafit's compute_loss calls the model
+    unpadded = dict(batch)
+    assert graphs.pad_batch(batch, graphs.static_shape(2, 16, [2, 1]), pad_id=0)
+    with torch.no_grad():
+        eager = m(**batch).loss
+    g = graphs.install(m, graphs.static_shape(2, 16, [2, 1]))
+    g.device_type = "cpu"
+    for _ in range(2):
+        loss = m(**batch).loss
+        loss.backward()
+        assert torch.allclose(loss, eager, rtol=1e-6, atol=0)
+    assert captured[0] == [False, True] and len(captured[1]) == 2 * 2 and g.replays == 2  # 2 layers x 2 steps
+    with torch.no_grad():
+        m(**batch)
+    m(**unpadded).loss.backward()
+    m.eval()
+    m(**batch)
+    assert len(captured) == 2 and len(captured[1]) == 4 and g.replays == 2

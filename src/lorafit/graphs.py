@@ -30,7 +30,13 @@ from an eager run's; without dropout the losses are identical (tests/test_gpu.py
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import logging
+import time
+
+log = logging.getLogger("lorafit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,23 +114,25 @@ class LayerGraphs:
         self.mask = placeholder_mask
         self.graphed = None  # one graphed callable per layer, after capture
         self.needs_grad_in: list[bool] = []
-        self.replays = 0  # steps that took the graphs (summary and tests)
+        self.replays = 0  # steps that took the graphs (the tests read it)
+        self.device_type = "cuda"  # where graphs exist; the CPU tests stand a stub in for the capture
 
     def eligible(self, layer, hidden, args, kw) -> bool:
         import torch
 
         cu = kw.get("cu_seq_lens_q")
         s = self.shape
-        return (not args and layer.training and torch.is_grad_enabled() and hidden.is_cuda
+        return (not args and layer.training and torch.is_grad_enabled() and hidden.device.type == self.device_type
                 and kw.get("attention_mask") is self.mask and cu is not None and cu.numel() == s.seqs + 1
                 and kw.get("max_length_q") == s.max_len and hidden.dim() == 3 and hidden.shape[:2] == (1, s.tokens)
                 and not kw.get("use_cache") and kw.get("cache") is None and kw.get("past_key_values") is None
                 and kw.get("position_embeddings") is not None)
 
     def capture(self, hidden, cos, sin, cu) -> None:
+        """Every layer's graphs, from copies of this call's inputs (their buffers become the graphs' inputs)."""
         import torch
 
-        steps = tuple(_LayerStep(layer, self.mask, self.shape.max_len) for layer in self.layers)
+        steps = tuple(_layer_step_class()(layer, self.mask, self.shape.max_len) for layer in self.layers)
         grad_in = hidden.requires_grad
         samples, self.needs_grad_in = [], []
         for layer in self.layers:
@@ -132,36 +140,32 @@ class LayerGraphs:
             h = hidden.detach().clone().requires_grad_(grad_in)
             samples.append((h, cos.detach().clone(), sin.detach().clone(), cu.detach().clone()))
             grad_in = grad_in or any(p.requires_grad for p in layer.parameters())
+        # torch refuses autocast's weight cache during capture (a cached cast would outlive its graph's memory)
         ctx = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
-               if torch.is_autocast_enabled("cuda") else _nullcontext())
-        import logging
-        import time
-
+               if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
         start = time.perf_counter()
         with ctx:
+            # host-device syncs, once per run: torch synchronizes before and after the warm-up passes
             self.graphed = torch.cuda.make_graphed_callables(steps, tuple(samples), num_warmup_iters=2)
-        logging.getLogger("lorafit").info("CUDA graphs: captured %d decoder layers in %.1f s", len(steps),
-                                          time.perf_counter() - start)
+        log.info("CUDA graphs: captured %d decoder layers in %.1f s", len(steps), time.perf_counter() - start)
 
     def forward(self, index: int, original, hidden, *args, **kw):
-        if self.graphed is None or not self.eligible(self.layers[index], hidden, args, kw):
-            if not (index == 0 and self.graphed is None and self.eligible(self.layers[0], hidden, args, kw)):
-                return original(hidden, *args, **kw)
-            cos, sin = kw["position_embeddings"]
+        """Layer `index`'s forward: its graphs on an eligible call (captured at the first, by layer 0), else
+        `original`, the layer's own forward."""
+        if not self.eligible(self.layers[index], hidden, args, kw) or (self.graphed is None and index != 0):
+            return original(hidden, *args, **kw)
+        cos, sin = kw["position_embeddings"]
+        if self.graphed is None:
             self.capture(hidden, cos, sin, kw["cu_seq_lens_q"])
         if hidden.requires_grad != self.needs_grad_in[index]:
             return original(hidden, *args, **kw)
-        if index == 0:
-            self.replays += 1
-        cos, sin = kw["position_embeddings"]
-        return self.graphed[index](hidden, cos, sin, kw["cu_seq_lens_q"])
+        self.replays += index == 0
+        return self.graphed[index](hidden, cos, sin, kw["cu_seq_lens_q"])  # copies the inputs in; no sync
 
 
 def install(model, shape: StaticShape) -> LayerGraphs:
     """Route each decoder layer of `model` (a PEFT or transformers causal LM whose attention is lorafit's varlen) through
     LayerGraphs (module docstring). Returns it."""
-    import functools
-
     from lorafit.attention import _no_mask
 
     layers = model.get_decoder().layers if hasattr(model, "get_decoder") else model.get_base_model().get_decoder().layers
@@ -172,39 +176,31 @@ def install(model, shape: StaticShape) -> LayerGraphs:
     return graphs
 
 
-def _LayerStep(layer, mask, max_len):
-    """A module calling `layer` with tensors only (make_graphed_callables' rule) and the step's fixed arguments."""
+@functools.cache
+def _layer_step_class():
     import torch
 
     class LayerStep(torch.nn.Module):
-        def __init__(self):
+        """A decoder layer called with tensors only (make_graphed_callables' rule) and the step's fixed arguments;
+        the layer's own forward, not the dispatch install() put in front of it."""
+
+        def __init__(self, layer, mask, max_len: int):
             super().__init__()
-            self.layer = layer
+            self.layer, self.mask, self.max_len = layer, mask, max_len
 
         def forward(self, hidden, cos, sin, cu):
-            out = type(self.layer).forward(self.layer, hidden, attention_mask=mask, position_embeddings=(cos, sin),
-                                           cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len,
-                                           max_length_k=max_len)
+            out = type(self.layer).forward(self.layer, hidden, attention_mask=self.mask,
+                                           position_embeddings=(cos, sin), cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                           max_length_q=self.max_len, max_length_k=self.max_len)
             return out[0] if isinstance(out, tuple) else out
 
-    return LayerStep()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return LayerStep
 
 
 def attach(trainer, batch_size: int, max_length: int, pad_id: int) -> LayerGraphs | None:
     """Give `trainer` (a LorafitTrainer on a packed data set) fixed-shape steps and graphed decoder layers: the shape
     from the packed rows' sequence counts (TRL's `seq_lengths` column), the collator's padding, the layers' dispatch.
     None, with a log line, where the data set does not list its rows' sequences (then every step runs eagerly)."""
-    import logging
-
-    log = logging.getLogger("lorafit")
     data = trainer.train_dataset
     if "seq_lengths" not in (getattr(data, "column_names", None) or ()):
         log.info("CUDA graphs off: the packed data set has no seq_lengths column to bound a step's sequences")
