@@ -4,6 +4,11 @@ of the activations, the scaled GEMM) against the bf16 pieces (bitsandbytes' dequ
 call, CUDA events, after warm-up.
 
     . .gpu/env.sh; CUDA_VISIBLE_DEVICES=0 python3 bench/fp8_linear.py --out $OUT/fp8_linear.json
+    git show main:src/lorafit/fp8.py > /tmp/fp8_main.py       # on a branch that changes lorafit.fp8's kernels
+    . .gpu/env.sh; CUDA_VISIBLE_DEVICES=0 python3 bench/fp8_linear.py --against /tmp/fp8_main.py --out $OUT/ab.json
+
+`--against FILE` times the NF4 -> e4m3 weight conversions (row order and transposed) of this checkout's lorafit.fp8
+beside those of another version of the module (a file), in one process, and says whether the two give the same bytes.
 """
 
 from __future__ import annotations
@@ -82,12 +87,42 @@ def pieces(n: int, k: int, tokens: int, iters: int) -> dict:
     return row
 
 
+def against(path: str, iters: int) -> dict:
+    """This checkout's weight conversions against those of the lorafit.fp8 in `path`: microseconds per call and
+    whether the bytes are equal, at each size."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fp8_other", path)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    got = {}
+    for name, (n, k) in SIZES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        q, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        q.quant_state = qs
+        row = {}
+        for tag, transpose in (("weight", False), ("weight_t", True)):
+            mine, theirs = fp8.weight_e4m3(q, transpose)[0], other.weight_e4m3(q, transpose)[0]
+            row[f"{tag}_same_bytes"] = bool(torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8)))
+            row[f"{tag}_this"] = round(timed(lambda t=transpose, w=q: fp8.weight_e4m3(w, t), iters), 2)
+            row[f"{tag}_other"] = round(timed(lambda t=transpose, w=q: other.weight_e4m3(w, t), iters), 2)
+        got[name] = row
+        print(name, json.dumps(row), flush=True)
+    return got
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--against", help="another version of lorafit/fp8.py: time its weight conversions beside these")
     a = p.parse_args()
+    if a.against:
+        with open(a.out, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), "against": a.against, "us_per_call": against(
+                a.against, a.iters)}, fh, indent=1)
+        return
     res = {"device": torch.cuda.get_device_name(), "tokens": a.tokens, "us_per_call": {}}
     for name, (n, k) in SIZES.items():
         row = pieces(n, k, a.tokens, a.iters)
