@@ -2,6 +2,7 @@
 loss it leaves unchanged, and where the layout turns the graphs off. The capture and replay run in tests/test_gpu.py."""
 
 import functools
+import logging
 
 import pytest
 import torch
@@ -100,7 +101,7 @@ def test_cuda_graphs_key_is_a_bool(bad):
         recipe.load_recipe("llama2_guanaco_fast", [f"training.cuda_graphs={bad}"])
 
 
-def test_dispatch_takes_the_graphs_on_fixed_shape_training_steps_only(monkeypatch):
+def test_dispatch_takes_the_graphs_on_fixed_shape_training_steps_only(monkeypatch, caplog):
     """install() and the per-layer dispatch on the CPU, with torch's capture replaced by a stub that returns the
     layer steps themselves (a CPU has no graphs): the first fixed-shape training step captures once, from copies of its
     own inputs (layer 0's without grad, the later ones with: LoRA-like trainable weights upstream), and every such step
@@ -135,7 +136,13 @@ def test_dispatch_takes_the_graphs_on_fixed_shape_training_steps_only(monkeypatc
     assert captured[0] == [False, True] and len(captured[1]) == 2 * 2 and g.replays == 2  # 2 layers x 2 steps
     with torch.no_grad():
         m(**batch)
-    m(**unpadded).loss.backward()
+    assert not g.said_eager  # evaluation is not a training step that missed the graphs
+    with caplog.at_level(logging.WARNING, logger="lorafit"):
+        m(**unpadded).loss.backward()
+        m(**unpadded).loss.backward()
+    assert [r.getMessage() for r in caplog.records] == [
+        "CUDA graphs: a training step of 24 tokens did not have the fixed shape (32 tokens, 5 sequences) and ran "
+        "without them"]  # once
     m.eval()
     m(**batch)
     assert len(captured) == 2 and len(captured[1]) == 4 and g.replays == 2

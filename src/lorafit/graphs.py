@@ -116,6 +116,7 @@ class LayerGraphs:
         self.needs_grad_in: list[bool] = []
         self.replays = 0  # steps that took the graphs (the tests read it)
         self.device_type = "cuda"  # where graphs exist; the CPU tests stand a stub in for the capture
+        self.said_eager = False
 
     def eligible(self, layer, hidden, args, kw) -> bool:
         import torch
@@ -153,6 +154,11 @@ class LayerGraphs:
         """Layer `index`'s forward: its graphs on an eligible call (captured at the first, by layer 0), else
         `original`, the layer's own forward."""
         if not self.eligible(self.layers[index], hidden, args, kw) or (self.graphed is None and index != 0):
+            if (index == 0 and not self.said_eager and self.layers[0].training and _grad_enabled()
+                    and hidden.device.type == self.device_type):
+                self.said_eager = True  # a training step the collator did not pad (the bound should prevent it)
+                log.warning("CUDA graphs: a training step of %d tokens did not have the fixed shape (%d tokens, %d "
+                            "sequences) and ran without them", hidden.shape[-2], self.shape.tokens, self.shape.seqs)
             return original(hidden, *args, **kw)
         cos, sin = kw["position_embeddings"]
         if self.graphed is None:
@@ -161,6 +167,12 @@ class LayerGraphs:
             return original(hidden, *args, **kw)
         self.replays += index == 0
         return self.graphed[index](hidden, cos, sin, kw["cu_seq_lens_q"])  # copies the inputs in; no sync
+
+
+def _grad_enabled() -> bool:
+    import torch
+
+    return torch.is_grad_enabled()
 
 
 def install(model, shape: StaticShape) -> LayerGraphs:
