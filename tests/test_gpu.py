@@ -318,8 +318,9 @@ def test_fused_fp8_layer_stays_near_its_bf16_twin_on_gpu(monkeypatch):
 def test_graphed_layers_replay_the_eager_step():
     """lorafit.graphs on a small Llama (varlen attention, q/v trainable as LoRA would be): a step padded to its static
     shape gives the eager step's loss bit for bit (the same kernels, replayed) and its gradients within flash
-    attention's own nondeterminism (its backward accumulates dq with atomics); the graphs are taken on every such
-    training step and on nothing else (an unpadded batch, a no-grad forward)."""
+    attention's own nondeterminism (its backward accumulates dq with atomics), also for a step with other positions
+    and boundaries than the captured one; the graphs are taken on every such training step and on nothing else (an
+    unpadded batch, a no-grad forward)."""
     from test_fastpath import packed
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -334,10 +335,11 @@ def test_graphed_layers_replay_the_eager_step():
         p.requires_grad_(n.endswith(("q_proj.weight", "v_proj.weight")))
     attention.skip_mask_building(m)
     _, batch = packed([40, 7, 100, 1, 60])
-    batch["labels"] = batch["input_ids"].clone()
+    _, other = packed([90, 30, 50], seed=2)  # other positions and boundaries: the graphs' shared buffers refresh
+    batch["labels"], other["labels"] = batch["input_ids"].clone(), other["input_ids"].clone()
     unpadded = dict(batch)
     shape = graphs.static_shape(2, 128, [3, 2])  # 256 tokens, 3 + 2 real sequences + 2 pad ones at most
-    assert graphs.pad_batch(batch, shape, pad_id=0)
+    assert graphs.pad_batch(batch, shape, pad_id=0) and graphs.pad_batch(other, shape, pad_id=0)
 
     def on_gpu(b):
         return {k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()}
@@ -348,13 +350,14 @@ def test_graphed_layers_replay_the_eager_step():
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in m.parameters() if p.requires_grad]
 
-    ref, g_ref = step(batch)
+    refs = {"batch": step(batch), "other": step(other)}
     g = graphs.install(m, shape)
-    for _ in range(3):
-        loss, grads = step(batch)
+    for name, b in (("batch", batch), ("other", other), ("batch", batch)):
+        loss, grads = step(b)
+        ref, g_ref = refs[name]
         assert torch.equal(loss, ref)
-        for a, b in zip(grads, g_ref, strict=True):
-            assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+        for x, y in zip(grads, g_ref, strict=True):
+            assert ((x.float() - y.float()).norm() / y.float().norm()).item() < 1e-2
     assert g.replays == 3
     step(unpadded)  # 208 tokens: not the static shape, runs eagerly
     with torch.no_grad():

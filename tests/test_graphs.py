@@ -1,7 +1,6 @@
 """lorafit.graphs on the CPU: the fixed step shape, the padding that reaches it (exact values, worked by hand), the
 loss it leaves unchanged, and where the layout turns the graphs off. The capture and replay run in tests/test_gpu.py."""
 
-import functools
 import logging
 
 import pytest
@@ -102,38 +101,54 @@ def test_cuda_graphs_key_is_a_bool(bad):
 
 
 def test_dispatch_takes_the_graphs_on_fixed_shape_training_steps_only(monkeypatch, caplog):
-    """install() and the per-layer dispatch on the CPU, with torch's capture replaced by a stub that returns the
-    layer steps themselves (a CPU has no graphs): the first fixed-shape training step captures once, from copies of its
-    own inputs (layer 0's without grad, the later ones with: LoRA-like trainable weights upstream), and every such step
-    goes through the captured callables with the eager loss; a no-grad forward, an unpadded batch and eval mode stay
-    with the layers' own forwards."""
+    """install() and the per-layer dispatch on the CPU, with torch's capture replaced by a stub that keeps what a graph
+    does with its inputs (a CPU has no graphs): it reads its rotary tables and sequence boundaries from the buffers
+    it was captured with, copying a tensor in only where it is handed another one. The first fixed-shape training step
+    captures once, from copies of its own inputs (layer 0's without grad, the later ones with: LoRA-like trainable
+    weights upstream), and every such step goes through the captured callables with the eager loss, also a step with
+    other positions and boundaries than the captured one (layer 0 refreshes the buffers all layers share); a no-grad
+    forward, an unpadded batch and eval mode stay with the layers' own forwards."""
     m = tiny_llama("varlen").train()
     for n, p in m.named_parameters():
         p.requires_grad_(n.endswith(("q_proj.weight", "v_proj.weight")))
     captured = []
 
+    def as_graph(forward, sample, calls):
+        def replay(hidden, *rest):
+            calls.append(1)
+            for buf, got in zip(sample[1:], rest, strict=True):
+                if buf.data_ptr() != got.data_ptr():  # torch's graphed callable copies only such inputs
+                    buf.copy_(got)
+            return forward(hidden, *sample[1:])
+
+        return replay
+
     def stub(steps, samples, num_warmup_iters):
         captured.append([s[0].requires_grad for s in samples])
         calls = []
-        for step in steps:
-            step.forward = functools.partial(lambda f, *a: (calls.append(1), f(*a))[1], step.forward)
+        for step, sample in zip(steps, samples, strict=True):
+            step.forward = as_graph(step.forward, sample, calls)
         captured.append(calls)
         return steps
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", stub)
+    shape = graphs.static_shape(2, 16, [2, 1])
     _, batch = packed([9, 3, 12])
-    batch.update(labels=batch["input_ids"].clone(), use_cache=False)  # as lorafit's compute_loss calls the model
+    _, other = packed([5, 11, 8], seed=2)  # other positions and boundaries, the same fixed shape
+    for b in (batch, other):
+        b.update(labels=b["input_ids"].clone(), use_cache=False)  # as lorafit's compute_loss calls the model
     unpadded = dict(batch)
-    assert graphs.pad_batch(batch, graphs.static_shape(2, 16, [2, 1]), pad_id=0)
+    assert graphs.pad_batch(batch, shape, pad_id=0) and graphs.pad_batch(other, shape, pad_id=0)
+    assert not torch.equal(batch["cu_seq_lens_q"], other["cu_seq_lens_q"])
     with torch.no_grad():
-        eager = m(**batch).loss
-    g = graphs.install(m, graphs.static_shape(2, 16, [2, 1]))
+        eager, eager_other = m(**batch).loss, m(**other).loss
+    g = graphs.install(m, shape)
     g.device_type = "cpu"
-    for _ in range(2):
-        loss = m(**batch).loss
+    for b, ref in ((batch, eager), (other, eager_other), (batch, eager)):
+        loss = m(**b).loss
         loss.backward()
-        assert torch.allclose(loss, eager, rtol=1e-6, atol=0)
-    assert captured[0] == [False, True] and len(captured[1]) == 2 * 2 and g.replays == 2  # 2 layers x 2 steps
+        assert torch.allclose(loss, ref, rtol=1e-6, atol=0)
+    assert captured[0] == [False, True] and len(captured[1]) == 2 * 3 and g.replays == 3  # 2 layers x 3 steps
     with torch.no_grad():
         m(**batch)
     assert not g.said_eager  # evaluation is not a training step that missed the graphs
@@ -145,4 +160,4 @@ def test_dispatch_takes_the_graphs_on_fixed_shape_training_steps_only(monkeypatc
         "without them"]  # once
     m.eval()
     m(**batch)
-    assert len(captured) == 2 and len(captured[1]) == 4 and g.replays == 2
+    assert len(captured) == 2 and len(captured[1]) == 6 and g.replays == 3

@@ -117,29 +117,36 @@ class LayerGraphs:
         self.replays = 0  # steps that took the graphs (the tests read it)
         self.device_type = "cuda"  # where graphs exist; the CPU tests stand a stub in for the capture
         self.said_eager = False
+        self.shared = None  # (cos, sin, cu_seq_lens): the graphs' one input buffer of each, after capture
 
-    def eligible(self, layer, hidden, args, kw) -> bool:
+    def training_call(self, layer, hidden) -> bool:
+        """A training forward with grad enabled on the graphs' device: one that should take the graphs."""
         import torch
 
+        return layer.training and torch.is_grad_enabled() and hidden.device.type == self.device_type
+
+    def fixed_shape(self, hidden, args, kw) -> bool:
+        """The call has the step's fixed shape and the varlen kwargs the graphs were captured with."""
         cu = kw.get("cu_seq_lens_q")
         s = self.shape
-        return (not args and layer.training and torch.is_grad_enabled() and hidden.device.type == self.device_type
-                and kw.get("attention_mask") is self.mask and cu is not None and cu.numel() == s.seqs + 1
+        return (not args and kw.get("attention_mask") is self.mask and cu is not None and cu.numel() == s.seqs + 1
                 and kw.get("max_length_q") == s.max_len and hidden.dim() == 3 and hidden.shape[:2] == (1, s.tokens)
                 and not kw.get("use_cache") and kw.get("cache") is None and kw.get("past_key_values") is None
                 and kw.get("position_embeddings") is not None)
 
     def capture(self, hidden, cos, sin, cu) -> None:
-        """Every layer's graphs, from copies of this call's inputs (their buffers become the graphs' inputs)."""
+        """Every layer's graphs, from copies of this call's inputs (their buffers become the graphs' inputs). The
+        rotary tables and the sequence boundaries are the same for every layer of a step: one buffer each, shared by
+        all the graphs, which layer 0's replay fills and the later layers are handed as they are (no copy)."""
         import torch
 
         steps = tuple(_layer_step_class()(layer, self.mask, self.shape.max_len) for layer in self.layers)
+        self.shared = (cos.detach().clone(), sin.detach().clone(), cu.detach().clone())
         grad_in = hidden.requires_grad
         samples, self.needs_grad_in = [], []
         for layer in self.layers:
             self.needs_grad_in.append(grad_in)
-            h = hidden.detach().clone().requires_grad_(grad_in)
-            samples.append((h, cos.detach().clone(), sin.detach().clone(), cu.detach().clone()))
+            samples.append((hidden.detach().clone().requires_grad_(grad_in), *self.shared))
             grad_in = grad_in or any(p.requires_grad for p in layer.parameters())
         # torch refuses autocast's weight cache during capture (a cached cast would outlive its graph's memory)
         ctx = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
@@ -151,28 +158,27 @@ class LayerGraphs:
         log.info("CUDA graphs: captured %d decoder layers in %.1f s", len(steps), time.perf_counter() - start)
 
     def forward(self, index: int, original, hidden, *args, **kw):
-        """Layer `index`'s forward: its graphs on an eligible call (captured at the first, by layer 0), else
-        `original`, the layer's own forward."""
-        if not self.eligible(self.layers[index], hidden, args, kw) or (self.graphed is None and index != 0):
-            if (index == 0 and not self.said_eager and self.layers[0].training and _grad_enabled()
-                    and hidden.device.type == self.device_type):
+        """Layer `index`'s forward: its graphs on a training call of the fixed shape (captured at the first, by layer
+        0), else `original`, the layer's own forward."""
+        layer = self.layers[index]
+        if not self.training_call(layer, hidden):
+            return original(hidden, *args, **kw)
+        if not self.fixed_shape(hidden, args, kw):
+            if index == 0 and not self.said_eager:
                 self.said_eager = True  # a training step the collator did not pad (the bound should prevent it)
                 log.warning("CUDA graphs: a training step of %d tokens did not have the fixed shape (%d tokens, %d "
                             "sequences) and ran without them", hidden.shape[-2], self.shape.tokens, self.shape.seqs)
             return original(hidden, *args, **kw)
-        cos, sin = kw["position_embeddings"]
         if self.graphed is None:
-            self.capture(hidden, cos, sin, kw["cu_seq_lens_q"])
+            if index != 0:
+                return original(hidden, *args, **kw)
+            self.capture(hidden, *kw["position_embeddings"], kw["cu_seq_lens_q"])
         if hidden.requires_grad != self.needs_grad_in[index]:
             return original(hidden, *args, **kw)
         self.replays += index == 0
-        return self.graphed[index](hidden, cos, sin, kw["cu_seq_lens_q"])  # copies the inputs in; no sync
-
-
-def _grad_enabled() -> bool:
-    import torch
-
-    return torch.is_grad_enabled()
+        # layer 0 copies the step's tables and boundaries into the shared buffers; the later layers read them there
+        shared = (*kw["position_embeddings"], kw["cu_seq_lens_q"]) if index == 0 else self.shared
+        return self.graphed[index](hidden, *shared)  # the graph copies in what is not its own buffer; no sync
 
 
 def install(model, shape: StaticShape) -> LayerGraphs:
