@@ -2,7 +2,7 @@
 
     python bench/tb_screenshot.py runs/quickstart                                   # -> runs/quickstart/tensorboard.png
     python bench/tb_screenshot.py runs/quickstart --out docs/img/tensorboard.png    # the README's picture
-    python bench/tb_screenshot.py runs/quickstart --tags 'loss|skill|perplexity' --timeout 180
+    python bench/tb_screenshot.py runs/quickstart --tags 'loss|exact|perplexity' --timeout 180
 
 Starts `tensorboard --logdir RUN/tb` on a free localhost port, opens its Time Series page (filtered to --tags) in
 Debian's `chromium` (apt-get install chromium; no browser is downloaded), waits until the train/loss card has drawn
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", type=Path, help="a finished run folder (with tb/) or a TensorBoard log folder")
     p.add_argument("--out", type=Path, help="PNG to write (default: RUN/tensorboard.png)")
     p.add_argument(
-        "--tags", default="train/loss|eval/loss|skill", help="tag filter regex (default: train/loss|eval/loss|skill)"
+        "--tags", default="train/loss|eval/loss|eval/exact", help="tag filter regex (default: train/loss|eval/loss|eval/exact)"
     )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the chart (default 120)")
     args = p.parse_args(argv)
