@@ -10,6 +10,10 @@ MLP 14336, vocabulary 128,256, rope theta 5e5), qwen2.5-7b (Qwen2.5-7B: 28 layer
 q/k/v biases, vocabulary 152,064), mistral-7b (Mistral-7B-v0.1: GQA 32/8, MLP 14336, a 4,096-token sliding window).
 The Llama-2 tokenizer's ids are all below every vocabulary size here, so one tokenizer serves every shape; the LM head
 and embeddings have the family's own vocabulary, which is what costs time.
+Load that tokenizer from its own folder, not from the checkpoint's (bench/throughput.py --shape passes it to every run
+as model.tokenizer / --tokenizer): transformers picks the tokenizer class of a Qwen2 checkpoint by its model type, and
+Qwen2Tokenizer reads Llama-2's vocabulary as byte-level BPE (guanaco-llama2-1k becomes 1.54x the tokens, its rows
+longer than any real tokenizer makes them).
 
 Weights are drawn on the GPU when there is one (normal, std 0.02 like transformers' init; norms at 1) and saved as
 bf16 safetensors shards. Throughput and memory of a QLoRA run do not depend on the weight values, only on the shapes.

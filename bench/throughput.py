@@ -37,7 +37,8 @@ def run_trl(name: str, a, out: Path, tag: str = "") -> dict:
              "trl_liger": liger, "trl_liger_all_linear": [*liger, "--all-linear", "--dropout", "0"]}[name]
     js = out / f"{name}{tag}.json"
     cmd = [sys.executable, str(REPO / "bench/trl_reference.py"), "--model", a.model, "--data", a.data, "--steps",
-           str(a.steps), "--warmup", str(a.warmup), "--out", str(js), *extra]
+           str(a.steps), "--warmup", str(a.warmup), "--out", str(js), *extra,
+           *(["--tokenizer", a.tokenizer] if a.shape else [])]
     return _go(name, cmd, out, lambda: json.loads(js.read_text()), tag)
 
 
@@ -49,7 +50,8 @@ def run_lorafit(spec: str, a, out: Path, tag: str = "") -> dict:
     name = spec.replace(":", "_").replace("+", "_").replace("=", "-").replace(".", "-").replace("/", "-")
     run_dir = Path(a.scratch) / f"{name}{tag}"
     subprocess.run(["rm", "-rf", str(run_dir)])
-    overrides = [f"model.name={a.model}", f"data.path={a.data}", f"training.max_steps={a.steps}", "logging.steps=1",
+    overrides = [f"model.name={a.model}", *([f"model.tokenizer={a.tokenizer}"] if a.shape else []),
+                 f"data.path={a.data}", f"training.max_steps={a.steps}", "logging.steps=1",
                  "logging.progress_bar=false", f"output.dir={run_dir}", *sets]
     entry = [str(REPO / "bench/without.py"), "/".join(off)] if off else []
     cmd = [sys.executable, *entry, str(REPO / "src/train.py"), "--recipe", recipe] + [
@@ -91,7 +93,7 @@ def main() -> None:
     p.add_argument("--shape", help="a bench/make_checkpoint.py shape (7b, 13b, llama3-8b, qwen2.5-7b, mistral-7b): "
                    "its random-weight checkpoint is made under --scratch if missing")
     p.add_argument("--tokenizer", default=os.environ.get("LLAMA2_TOKENIZER"), help="for --shape (default "
-                   "$LLAMA2_TOKENIZER)")
+                   "$LLAMA2_TOKENIZER): saved with the checkpoint and loaded from this folder by every run")
     p.add_argument("--drop-model", action="store_true", help="delete the --shape checkpoint afterwards (disk)")
     p.add_argument("--data", required=True)
     p.add_argument("--runs", default="trl_seed,trl_tuned,lorafit:llama2_guanaco,lorafit:llama2_guanaco_fast")

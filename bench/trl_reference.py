@@ -67,6 +67,8 @@ class CountingCollator:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
+    p.add_argument("--tokenizer", help="tokenizer folder (default: --model's); bench/throughput.py --shape passes the "
+                   "Llama-2 one, which a Qwen2 model folder would load as another class")
     p.add_argument("--data", required=True)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
@@ -77,7 +79,7 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    tok = AutoTokenizer.from_pretrained(a.model)
+    tok = AutoTokenizer.from_pretrained(a.tokenizer or a.model)
     tok.pad_token = tok.unk_token  # the notebook's choice: pad distinct from EOS
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
                              bnb_4bit_use_double_quant=False)

@@ -75,3 +75,25 @@ def test_profile_step_builds_and_profiles_a_cpu_run(tmp_path, tiny_llama_dir, gu
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     s = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert s["device"] == "cpu" and s["profiled_steps"] == 2 and len(s["wall_s_per_step"]) == 2
+
+
+def test_a_shape_runs_both_sides_on_the_tokenizer_folder_itself(monkeypatch, tmp_path):
+    """With --shape every run loads the Llama-2 tokenizer from its own folder: from a Qwen2 checkpoint's folder
+    transformers would load it as Qwen2Tokenizer (byte-level, 1.54x the tokens on guanaco; bench/make_checkpoint.py)."""
+    import argparse
+
+    import throughput
+
+    seen = []
+    monkeypatch.setattr(throughput, "_go", lambda name, cmd, *rest: seen.append(cmd) or {})
+    a = argparse.Namespace(model="/ckpt/shape-qwen2.5-7b", tokenizer="/tok/llama-2", shape="qwen2.5-7b",
+                           data="/d", steps=3, warmup=1, scratch=str(tmp_path))
+    throughput.run_trl("trl_liger", a, tmp_path)
+    throughput.run_lorafit("lorafit:qwen2_5_7b_fast+data.chat_template=auto", a, tmp_path)
+    trl, ours = seen
+    assert trl[trl.index("--tokenizer") + 1] == "/tok/llama-2"
+    assert "model.tokenizer=/tok/llama-2" in ours
+    a.shape, seen[:] = None, []  # --model: the folder's own tokenizer, as a user's checkpoint has
+    throughput.run_trl("trl_liger", a, tmp_path)
+    throughput.run_lorafit("lorafit:qwen2_5_7b_fast", a, tmp_path)
+    assert "--tokenizer" not in seen[0] and not any(x.startswith("model.tokenizer") for x in seen[1])
