@@ -99,13 +99,14 @@ def against(path: str, iters: int) -> dict:
     for name, (n, k) in SIZES.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         q, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
-        q.quant_state = qs
+        q_other = q.clone()  # each version keeps its scales on its own weight (weight_e4m3 caches them there)
+        q.quant_state = q_other.quant_state = qs
         row = {}
         for tag, transpose in (("weight", False), ("weight_t", True)):
-            mine, theirs = fp8.weight_e4m3(q, transpose)[0], other.weight_e4m3(q, transpose)[0]
+            mine, theirs = fp8.weight_e4m3(q, transpose)[0], other.weight_e4m3(q_other, transpose)[0]
             row[f"{tag}_same_bytes"] = bool(torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8)))
             row[f"{tag}_this"] = round(timed(lambda t=transpose, w=q: fp8.weight_e4m3(w, t), iters), 2)
-            row[f"{tag}_other"] = round(timed(lambda t=transpose, w=q: other.weight_e4m3(w, t), iters), 2)
+            row[f"{tag}_other"] = round(timed(lambda t=transpose, w=q_other: other.weight_e4m3(w, t), iters), 2)
         got[name] = row
         print(name, json.dumps(row), flush=True)
     return got
