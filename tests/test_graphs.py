@@ -8,7 +8,7 @@ import torch
 from test_fastpath import packed, tiny_llama
 from test_plan import LLAMA2_7B
 
-from lorafit import graphs, layout, recipe
+from lorafit import graphs, layout, plan, recipe
 
 
 def test_static_shape_bounds_every_step_of_the_data():
@@ -90,6 +90,21 @@ def test_layout_takes_graphs_only_where_they_can_capture_the_step():
     ddp = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "ACCELERATE_MIXED_PRECISION": "bf16"}
     lay = layout.decide(recipe.load_recipe("llama2_guanaco_fast", on), **{**GPU, "env": ddp, "gpu_count": 2})
     assert not lay.cuda_graphs and "training.cuda_graphs off: ddp runs several processes" in lay.notes
+
+
+def test_auto_graphs_take_the_step_where_they_can_and_stay_silent_elsewhere():
+    auto = ["training.cuda_graphs=auto"]
+    assert layout.decide(recipe.load_recipe("llama2_guanaco_fast", auto), **GPU).cuda_graphs
+    ddp = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "ACCELERATE_MIXED_PRECISION": "bf16"}
+    for extra, where in (([], dict(env={}, cuda_available=False, shape=LLAMA2_7B)),  # a CPU run
+                         ([], {**GPU, "env": ddp, "gpu_count": 2}),  # two processes
+                         (["training.gradient_checkpointing=true"], GPU)):
+        lay = layout.decide(recipe.load_recipe("llama2_guanaco_fast", auto + extra), **where)
+        assert not lay.cuda_graphs and not any("cuda_graphs" in n for n in lay.notes), lay.notes
+    # the memory plan counts the graphs' buffers under auto as under true (tests/test_plan.py: one layer input each)
+    on = plan.for_recipe(recipe.load_recipe("llama2_guanaco_fast", ["training.cuda_graphs=true"]), LLAMA2_7B)
+    assert plan.for_recipe(recipe.load_recipe("llama2_guanaco_fast", auto), LLAMA2_7B) == on
+    assert plan.for_recipe(recipe.load_recipe("llama2_guanaco_fast"), LLAMA2_7B) != on
 
 
 @pytest.mark.parametrize("bad", ["yes please", "2"])

@@ -121,11 +121,8 @@ def _deepspeed(env: Mapping[str, str]) -> dict | None:
     if cfg_file and os.path.isfile(cfg_file):
         with open(cfg_file) as fh:
             zero = json.load(fh).get("zero_optimization", {})
-        ds = {
-            "stage": zero.get("stage", 0),
-            "offload_optimizer": zero.get("offload_optimizer", {}).get("device"),
-            "offload_param": zero.get("offload_param", {}).get("device"),
-        }
+        ds = {"stage": zero.get("stage", 0), "offload_optimizer": zero.get("offload_optimizer", {}).get("device"),
+              "offload_param": zero.get("offload_param", {}).get("device")}
     stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     ds["stage"] = int(stage) if stage else int(ds.get("stage") or 0)
     for key in ("offload_optimizer", "offload_param"):
@@ -390,13 +387,14 @@ def _fp8(cfg: Recipe, launch: _Launch, fused: bool, capability, notes: list[str]
 
 
 def _graphs(cfg: Recipe, launch: _Launch, gc: bool, notes: list[str]) -> bool:
-    """training.cuda_graphs where lorafit.graphs can capture the step, else a note saying why not."""
+    """training.cuda_graphs where lorafit.graphs can capture the step, else off (a note saying why under true)."""
     from lorafit import graphs
 
-    why = graphs.why_not(cfg, launch.on_cpu, launch.kind, launch.world, gc) if cfg.training.cuda_graphs else None
-    if why:
+    want = cfg.training.cuda_graphs
+    why = graphs.why_not(cfg, launch.on_cpu, launch.kind, launch.world, gc) if want is not False else "not asked"
+    if why and want is True:
         notes.append(f"training.cuda_graphs off: {why}")
-    return cfg.training.cuda_graphs and not why
+    return not why
 
 
 def _optimizer(cfg: Recipe, launch: _Launch, notes: list[str]) -> str:

@@ -114,7 +114,7 @@ def for_recipe(cfg, shape: Shape, world: int = 1, zero3: bool = False, gc: bool 
         dtype_bytes=4 if cfg.quantization.compute_dtype == "float32" else 2, offload=t.activation_offloading,
         keep_dequantized=cfg.quantization.keep_dequantized and cfg.lora.fused,
         fused=cfg.lora.fused and not zero3,  # ZeRO-3 and FSDP2 run PEFT's layers (lorafit.layout)
-        graphs=t.cuda_graphs and world == 1 and not gc)  # where lorafit.layout allows them
+        graphs=t.cuda_graphs is not False and world == 1 and not gc)  # where lorafit.layout allows them
 
 
 def lora_parameters(shape: Shape, r: int, targets) -> int:

@@ -223,9 +223,11 @@ class TrainingConfig:
     liger_kernels: bool = f(False, "Liger's fused Triton kernels for RMSNorm, SwiGLU and RoPE (GPU; the loss keeps "
                             "TRL's chunked LM head or lorafit's indexed one).")
     torch_compile: bool = f(False, "torch.compile the model's forward (GPU; pays off on long runs).")
-    cuda_graphs: bool = f(False, "Replay each decoder layer's forward and backward as CUDA graphs on steps padded to "
-                          "a fixed shape (GPU, one process, packed varlen batches, one micro-batch per step; "
-                          "lorafit.graphs). Takes the kernel launches off the host.")
+    cuda_graphs: bool | Literal["auto"] = f(
+        False, "Replay each decoder layer's forward and backward as CUDA graphs on steps padded to a fixed shape "
+        "(GPU, one process, packed varlen batches, one micro-batch per step, no recompute; lorafit.graphs). Takes the "
+        "kernel launches off the host. true = on, or a note saying why not; auto = on where those hold, else "
+        "silently off.")
     activation_offloading: bool = f(
         False, "Keep the activations saved for backward in CPU memory, copied on side streams (TRL's); with "
         "gradient checkpointing only each layer's input goes. Trades PCIe traffic for GPU memory; GPU only."
