@@ -236,36 +236,44 @@ def _kernels():
                 tl.store(out + row * cols + offs, (v * inv).to(tl.float8e4nv), mask=offs < cols)
 
     @triton.jit
-    def nf4_rows_to_e4m3(packed, absmax, table, inv, out, K, QBLOCK: tl.constexpr, BLOCK: tl.constexpr):
-        # W (out, in) in its own layout, one segment of one row per program: BLOCK bytes -> 2 * BLOCK values, the
-        # high nibble first, each value times the row's 448 / s_row (loaded once: a flat pass that found each
-        # element's row by dividing by K ran at ~1 TB/s on an H100)
+    def nf4_rows_to_e4m3(packed, absmax, table, inv, out, K, QBLOCK: tl.constexpr, NB: tl.constexpr):
+        # W (out, in) in its own layout, NB quantization blocks of one row per program, each block's absmax loaded
+        # once as a (NB, 1) column (one load per element was a gather of the same address QBLOCK times), each value
+        # times the row's 448 / s_row; the high nibble of each byte first (a flat pass that found each element's
+        # row by dividing by K ran at ~1 TB/s on an H100)
         row = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # bytes within the row
-        inside = offs < K // 2
-        b = tl.load(packed + row * (K // 2) + offs, mask=inside, other=0).to(tl.int32)
-        a = tl.load(absmax + (row * K + offs * 2) // QBLOCK, mask=inside, other=0.0)  # both nibbles: one block
+        blk = tl.program_id(1) * NB + tl.arange(0, NB)  # blocks within the row
+        nblk = K // QBLOCK
+        inside = blk < nblk
+        byte = blk[:, None] * (QBLOCK // 2) + tl.arange(0, QBLOCK // 2)[None, :]  # (NB, QBLOCK / 2)
+        b = tl.load(packed + row * (K // 2) + byte, mask=inside[:, None], other=0).to(tl.int32)
+        a = tl.load(absmax + row * nblk + blk, mask=inside, other=0.0)[:, None]
         s = tl.load(inv + row)
         hi = ((tl.load(table + (b >> 4)) * a) * s).to(tl.float8e4nv)
         lo = ((tl.load(table + (b & 15)) * a) * s).to(tl.float8e4nv)
-        o = tl.program_id(1) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
-        tl.store(out + row * K + o, tl.interleave(hi, lo), mask=o < K)
+        o = blk[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+        tl.store(out + row * K + o, tl.interleave(hi, lo), mask=inside[:, None])
 
     @triton.jit
     def nf4_to_e4m3_t(packed, absmax, table, inv, out, N, K, QBLOCK: tl.constexpr, BN: tl.constexpr,
-                      BB: tl.constexpr):
-        # W^T (in, out): a (BN rows x 2*BB columns) tile of W from BB bytes per row (the high nibble first), each
-        # value times its column block's 448 / s_col, stored transposed
+                      NB: tl.constexpr):
+        # W^T (in, out): BN rows x NB quantization blocks of W per program, each (row, block) absmax and each
+        # block's 448 / s_col loaded once, each value c * a * (448 / s_col), stored transposed
         rows = tl.program_id(0) * BN + tl.arange(0, BN)
-        byte = tl.program_id(1) * BB + tl.arange(0, BB)
-        m = (rows[:, None] < N) & (byte[None, :] < K // 2)
-        b = tl.load(packed + rows[:, None] * (K // 2) + byte[None, :], mask=m, other=0).to(tl.int32)
-        v = tl.interleave(tl.load(table + (b >> 4)), tl.load(table + (b & 15)))  # (BN, 2 * BB): c
-        cols = tl.program_id(1) * (2 * BB) + tl.arange(0, 2 * BB)
+        blk = tl.program_id(1) * NB + tl.arange(0, NB)
+        nblk = K // QBLOCK
+        m = (rows[:, None] < N) & (blk[None, :] < nblk)  # (BN, NB)
+        byte = blk[None, :, None] * (QBLOCK // 2) + tl.arange(0, QBLOCK // 2)[None, None, :]  # (1, NB, QBLOCK / 2)
+        b = tl.load(packed + rows[:, None, None].to(tl.int64) * (K // 2) + byte, mask=m[:, :, None],
+                    other=0).to(tl.int32)
+        a = tl.load(absmax + rows[:, None].to(tl.int64) * nblk + blk[None, :], mask=m, other=0.0)[:, :, None]
+        s = tl.load(inv + blk, mask=blk < nblk, other=0.0)[None, :, None]
+        hi = ((tl.load(table + (b >> 4)) * a) * s).to(tl.float8e4nv)
+        lo = ((tl.load(table + (b & 15)) * a) * s).to(tl.float8e4nv)
+        v = tl.reshape(tl.interleave(hi, lo), (BN, NB * QBLOCK))
+        cols = tl.program_id(1) * (NB * QBLOCK) + tl.arange(0, NB * QBLOCK)
         mm = (rows[:, None] < N) & (cols[None, :] < K)
-        a = tl.load(absmax + (rows[:, None] * K + cols[None, :]) // QBLOCK, mask=mm, other=0.0)
-        s = tl.load(inv + cols // QBLOCK, mask=cols < K, other=0.0)
-        tl.store(out + cols[None, :] * N + rows[:, None], ((v * a) * s[None, :]).to(tl.float8e4nv), mask=mm)
+        tl.store(out + cols[None, :].to(tl.int64) * N + rows[:, None], v, mask=mm)
 
     return scale_rows, nf4_to_e4m3_t, nf4_rows_to_e4m3
 
@@ -298,15 +306,19 @@ def _triton_weight(weight, qs, inv, transpose: bool):
     table = _table(qs)
     out = torch.empty((k, n) if transpose else (n, k), dtype=torch.float8_e4m3fn, device=weight.device)
     absmax_f32 = _absmax_cached(weight, qs)
+    nblk = k // qs.blocksize
     if not transpose:  # row order: segments of rows (a 2-D tile ran ~3x slower on an H100)
-        block = min(1024, triton.next_power_of_2(k // 2))
-        _kernels()[2][(n, triton.cdiv(k // 2, block))](weight, absmax_f32, table, inv, out, k,
-                                                       QBLOCK=qs.blocksize, BLOCK=block)
+        nb = min(max(1, _ROW_BYTES * 2 // qs.blocksize), triton.next_power_of_2(nblk))
+        _kernels()[2][(n, triton.cdiv(nblk, nb))](weight, absmax_f32, table, inv, out, k, QBLOCK=qs.blocksize, NB=nb)
         return out
-    bn, bb = 64, 32
-    grid = (triton.cdiv(n, bn), triton.cdiv(k // 2, bb))
-    _kernels()[1][grid](weight, absmax_f32, table, inv, out, n, k, QBLOCK=qs.blocksize, BN=bn, BB=bb, num_warps=4)
+    bn, nb = _T_ROWS, max(1, _T_COLS // qs.blocksize)
+    _kernels()[1][(triton.cdiv(n, bn), triton.cdiv(nblk, nb))](weight, absmax_f32, table, inv, out, n, k,
+                                                              QBLOCK=qs.blocksize, BN=bn, NB=nb, num_warps=4)
     return out
+
+
+_ROW_BYTES = 1024  # packed bytes per program of the row kernel (2,048 values)
+_T_ROWS, _T_COLS = 64, 128  # the transposed kernel's tile of W: rows x columns
 
 
 def _table(qs):
