@@ -108,7 +108,7 @@ def test_auto_graphs_take_the_step_where_they_can_and_stay_silent_elsewhere():
 
 
 @pytest.mark.parametrize("bad", ["yes please", "2"])
-def test_cuda_graphs_key_is_a_bool(bad):
+def test_cuda_graphs_key_is_a_bool_or_auto(bad):
     from lorafit.errors import UserError
 
     with pytest.raises(UserError, match="training.cuda_graphs"):

@@ -306,7 +306,7 @@ def _triton_weight(weight, qs, inv, transpose: bool):
     table = _table(qs)
     out = torch.empty((k, n) if transpose else (n, k), dtype=torch.float8_e4m3fn, device=weight.device)
     absmax_f32 = _absmax_cached(weight, qs)
-    nblk = k // qs.blocksize
+    nblk = k // qs.blocksize  # whole blocks per row: applies() lets no other weight take the FP8 path
     if not transpose:  # row order: segments of rows (a 2-D tile ran ~3x slower on an H100)
         nb = min(max(1, _ROW_BYTES * 2 // qs.blocksize), triton.next_power_of_2(nblk))
         _kernels()[2][(n, triton.cdiv(nblk, nb))](weight, absmax_f32, table, inv, out, k, QBLOCK=qs.blocksize, NB=nb)

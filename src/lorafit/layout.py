@@ -390,9 +390,10 @@ def _graphs(cfg: Recipe, launch: _Launch, gc: bool, notes: list[str]) -> bool:
     """training.cuda_graphs where lorafit.graphs can capture the step, else off (a note saying why under true)."""
     from lorafit import graphs
 
-    want = cfg.training.cuda_graphs
-    why = graphs.why_not(cfg, launch.on_cpu, launch.kind, launch.world, gc) if want is not False else "not asked"
-    if why and want is True:
+    if cfg.training.cuda_graphs is False:
+        return False
+    why = graphs.why_not(cfg, launch.on_cpu, launch.kind, launch.world, gc)
+    if why and cfg.training.cuda_graphs is True:
         notes.append(f"training.cuda_graphs off: {why}")
     return not why
 
