@@ -9,6 +9,7 @@ Builds the run exactly as src/train.py does (recipe -> layout -> data/model -> t
 TensorBoard off), trains `--warmup` steps, then profiles `--steps` steps. Writes into --out:
 - `summary.json`: wall time per profiled step; host (CPU) time and device (CUDA) time per step from the profiler;
   the number of kernel launches and of host-device syncs per step; the top ops by self CPU and by self CUDA time;
+  the GPU kernels by their own device time per step (60, by name);
 - `ops_cpu.txt`, `ops_cuda.txt`: the profiler's tables (self time, 40 rows);
 - `trace.json`: a Chrome trace of the profiled steps (chrome://tracing or ui.perfetto.dev);
 - `gaps.json`: from that trace, the GPU's idle gaps longer than 0.1 ms, largest first, each with the host ops that were
@@ -207,6 +208,10 @@ def main() -> None:
         else:
             cur[1] = max(cur[1], end)
     busy += 0.0 if cur is None else cur[1] - cur[0]
+    by_name: dict = collections.defaultdict(lambda: [0, 0.0])
+    for e in kernels:  # each GPU kernel's own time on the device, summed by kernel name
+        by_name[e.name][0] += 1
+        by_name[e.name][1] += e.time_range.end - e.time_range.start
     syncs = sum(e.count for e in ka if e.key in ("cudaDeviceSynchronize", "cudaStreamSynchronize",
                                                    "cudaEventSynchronize", "aten::item", "aten::_local_scalar_dense"))
     summary = {
@@ -221,6 +226,8 @@ def main() -> None:
                          for e in sorted(ka, key=lambda e: -e.self_cpu_time_total)[:25]],
         "top_self_device": [(e.key, e.count // n, round(device_us(e) / 1e3 / n, 2))
                             for e in sorted(ka, key=lambda e: -device_us(e))[:25]] if cuda else None,
+        "kernels_ms_per_step": [(name[:120], c // n, round(us / 1e3 / n, 3))
+                                for name, (c, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:60]],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "ops_cpu.txt").write_text(ka.table(sort_by="self_cpu_time_total", row_limit=40))
