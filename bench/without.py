@@ -6,7 +6,8 @@ reason to turn one off, and product code reads no benchmark switch.
     python bench/without.py mask_skip/indexed_lm_head src/train.py --recipe llama2_guanaco_fast --set ...
 
 Pieces: mask_skip (lorafit.attention.skip_mask_building: transformers' packed-row detection and mask construction
-run again), indexed_lm_head (lorafit.lm_head: TRL's own fused LM head scores the loss).
+run again), indexed_lm_head (lorafit.lm_head: TRL's own fused LM head scores the loss), dropout_grad_kernel
+(lorafit.fused: the fused layers' dropout backward is torch's addcmul_ again, which the kernel matches bit for bit).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PIECES = ("mask_skip", "indexed_lm_head")
+PIECES = ("mask_skip", "indexed_lm_head", "dropout_grad_kernel")
 
 
 def turn_off(pieces: list[str]) -> None:
     import lorafit.attention
+    import lorafit.fused
     import lorafit.lm_head  # light modules: the patched names are looked up later, when src/train.py uses them
 
     unknown = sorted(set(pieces) - set(PIECES))
@@ -30,6 +32,8 @@ def turn_off(pieces: list[str]) -> None:
         lorafit.attention.skip_mask_building = lambda model: None
     if "indexed_lm_head" in pieces:
         lorafit.lm_head.install_indexed_lm_head = lambda causal_lm: False
+    if "dropout_grad_kernel" in pieces:
+        lorafit.fused._dropout_grad_add = lambda gx, t, mask, value: gx.addcmul_(t, mask, value=value)
 
 
 def main() -> None:

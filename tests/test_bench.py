@@ -41,22 +41,30 @@ def test_gap_analysis_names_what_the_host_was_doing(tmp_path):
 
 
 def test_without_turns_the_sync_free_pieces_off_for_the_benchmarks_only():
-    """bench/without.py, the off side of throughput.py's pairs: it replaces the two pieces in lorafit's modules before
+    """bench/without.py, the off side of throughput.py's pairs: it replaces the pieces in lorafit's modules before
     src/train.py looks them up; lorafit itself has no such switch."""
+    import torch
     import without
 
     import lorafit.attention
+    import lorafit.fused
     import lorafit.lm_head
 
-    saved = lorafit.attention.skip_mask_building, lorafit.lm_head.install_indexed_lm_head
+    saved = lorafit.attention.skip_mask_building, lorafit.lm_head.install_indexed_lm_head, lorafit.fused._dropout_grad_add
     try:
         without.turn_off(["indexed_lm_head"])
         assert lorafit.lm_head.install_indexed_lm_head(object()) is False
         assert lorafit.attention.skip_mask_building is saved[0]  # only what was asked
         without.turn_off(["mask_skip"])
         assert lorafit.attention.skip_mask_building(object()) is None
+        assert lorafit.fused._dropout_grad_add is saved[2]
+        without.turn_off(["dropout_grad_kernel"])
+        gx = torch.tensor([1.0, 2.0])
+        lorafit.fused._dropout_grad_add(gx, torch.tensor([3.0, 3.0]), torch.tensor([True, False]), 2.0)
+        assert gx.tolist() == [7.0, 2.0]  # 1 + 2 * 3 * 1, 2 + 2 * 3 * 0: addcmul_'s arithmetic
     finally:
-        lorafit.attention.skip_mask_building, lorafit.lm_head.install_indexed_lm_head = saved
+        (lorafit.attention.skip_mask_building, lorafit.lm_head.install_indexed_lm_head,
+         lorafit.fused._dropout_grad_add) = saved
     import pytest
 
     with pytest.raises(SystemExit, match="unknown piece"):
