@@ -265,7 +265,7 @@ def test_triton_dequantize_is_bitsandbytes_bit_for_bit(dtype):
 def test_dropout_grad_kernel_is_addcmul_bit_for_bit(dtype):
     """The fused layer's dropout backward (lorafit.fused._dropout_grad_add, a Triton kernel) against torch's
     gx.addcmul_(t, mask, value=1 / (1 - p)), which it replaces: the same bits, at a 7B step's q_proj gradient
-    (4,059 tokens x 4,096) and at a size that ends mid-program, where the masked tail must stay untouched."""
+    (4,059 tokens x 4,096) and at a size that ends mid-program (the last program's loads and stores masked)."""
     from lorafit import fused
 
     dt = getattr(torch, dtype)
