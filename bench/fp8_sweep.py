@@ -42,6 +42,22 @@ def graphed_us(fn, calls: int = 20, replays: int = 10) -> float:
     return start.elapsed_time(end) * 1e3 / (calls * replays)
 
 
+def measure(res: list, meta: dict, launch, out, ref, moved: int):
+    """Time one tile choice (`launch` writes `out`, moving `moved` bytes), append its row to `res`; returns the bytes
+    every later choice of this kernel and weight is compared with (the first choice's)."""
+    try:
+        us = graphed_us(launch)
+    except Exception as e:  # noqa: BLE001 - a tile that does not compile is a result too
+        res.append({**meta, "error": str(e)[:200]})
+        return ref
+    launch()
+    ref = out.clone() if ref is None else ref
+    same = bool(torch.equal(out.view(torch.uint8), ref.view(torch.uint8)))
+    res.append({**meta, "us": round(us, 2), "TBps": round(moved / us / 1e6, 2), "same": same})
+    print(res[-1], flush=True)
+    return ref
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out")
@@ -59,46 +75,25 @@ def main() -> None:
         moved = n * k // 2 + absm.numel() * 4 + n * k
         nblk = k // 64
         out = torch.empty((n, k), dtype=torch.float8_e4m3fn, device="cuda")
-        ref_rows = None
+        ref = None
         for nb in (16, 32, 64):
             for warps in (2, 4, 8):
                 nbb = min(nb, triton.next_power_of_2(nblk))
-
                 f = functools.partial(rows_k[(n, triton.cdiv(nblk, nbb))], wt, absm, table, inv, out, k, QBLOCK=64,
                                       NB=nbb, num_warps=warps)
-                try:
-                    us = graphed_us(f)
-                except Exception as e:  # noqa: BLE001 - a tile that does not compile is a result too
-                    res.append({"w": name, "kernel": "rows", "nb": nb, "warps": warps, "error": str(e)[:200]})
-                    continue
-                f()
-                if ref_rows is None:
-                    ref_rows = out.clone()
-                same = bool(torch.equal(out.view(torch.uint8), ref_rows.view(torch.uint8)))
-                res.append({"w": name, "kernel": "rows", "nb": nb, "warps": warps, "us": round(us, 2),
-                            "TBps": round(moved / us / 1e6, 2), "same": same, "current": nb == fp8._ROW_BYTES * 2 // 64 and warps == fp8._ROW_WARPS})
-                print(res[-1], flush=True)
+                current = nb == fp8._ROW_BYTES * 2 // 64 and warps == fp8._ROW_WARPS
+                meta = {"w": name, "kernel": "rows", "nb": nb, "warps": warps, "current": current}
+                ref = measure(res, meta, f, out, ref, moved)
         outt = torch.empty((k, n), dtype=torch.float8_e4m3fn, device="cuda")
-        ref_t = None
+        ref = None
         for bn, cols in ((32, 128), (64, 128), (128, 128), (32, 256), (64, 256)):
             nbt = cols // 64
             for warps in (4, 8):
                 f = functools.partial(t_k[(triton.cdiv(n, bn), triton.cdiv(nblk, nbt))], wt, absm, table, invc, outt,
                                       n, k, QBLOCK=64, BN=bn, NB=nbt, num_warps=warps)
-                try:
-                    us = graphed_us(f)
-                except Exception as e:  # noqa: BLE001
-                    res.append({"w": name, "kernel": "t", "bn": bn, "cols": cols, "warps": warps,
-                                "error": str(e)[:200]})
-                    continue
-                f()
-                if ref_t is None:
-                    ref_t = outt.clone()
-                same = bool(torch.equal(outt.view(torch.uint8), ref_t.view(torch.uint8)))
-                res.append({"w": name, "kernel": "t", "bn": bn, "cols": cols, "warps": warps, "us": round(us, 2),
-                            "TBps": round(moved / us / 1e6, 2), "same": same,
-                            "current": bn == fp8._T_ROWS and cols == fp8._T_COLS and warps == 4})
-                print(res[-1], flush=True)
+                current = (bn, cols, warps) == (fp8._T_ROWS, fp8._T_COLS, fp8._T_WARPS)
+                meta = {"w": name, "kernel": "t", "bn": bn, "cols": cols, "warps": warps, "current": current}
+                ref = measure(res, meta, f, outt, ref, moved)
         # activations: 4,096 tokens of this layer's input, and its gradient's rows
         for cols in sorted({k, n}):
             x = torch.randn((4096, cols), device="cuda", dtype=torch.bfloat16)

@@ -314,7 +314,7 @@ def _triton_weight(weight, qs, inv, transpose: bool):
         return out
     bn, nb = _T_ROWS, max(1, _T_COLS // qs.blocksize)
     _kernels()[1][(triton.cdiv(n, bn), triton.cdiv(nblk, nb))](weight, absmax_f32, table, inv, out, n, k,
-                                                              QBLOCK=qs.blocksize, BN=bn, NB=nb, num_warps=4)
+                                                              QBLOCK=qs.blocksize, BN=bn, NB=nb, num_warps=_T_WARPS)
     return out
 
 
@@ -322,7 +322,7 @@ def _triton_weight(weight, qs, inv, transpose: bool):
 # bytes): row kernel 2,048 values a program on 2 warps, 11.2 / 31.7 / 34.2 us for a 7B's q / up / down_proj against
 # 12.7 / 34.3 / 37.5 on 4 warps; transposed 32 x 256 tiles, 14.6 / 38.3 / 37.6 us against 15.2 / 42.0 / 44.0 at 64 x 128
 _ROW_BYTES, _ROW_WARPS = 1024, 2  # packed bytes per program of the row kernel (2,048 values), warps per program
-_T_ROWS, _T_COLS = 32, 256  # the transposed kernel's tile of W: rows x columns
+_T_ROWS, _T_COLS, _T_WARPS = 32, 256, 4  # the transposed kernel's tile of W (rows x columns), warps per program
 
 
 def _table(qs):
